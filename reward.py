@@ -1,0 +1,129 @@
+"""Reward functions for GRPO on reasoning-gym tasks.
+
+The policy is asked to write
+
+    <think> ...reasoning... </think>
+    <answer> ...final answer... </answer>
+
+and every completion is scored by plain functions over strings:
+
+* ``extract_answer``      - pull the final answer out of the completion
+* ``format_reward``       - 1.0 for exactly the think-then-answer layout, else 0.0
+* ``correctness_reward``  - reasoning-gym's own scorer, made crash-proof
+* ``length_rewards``      - Kimi 1.5 length penalty, computed per GRPO group
+* ``total_reward``        - weighted sum of the above
+* ``score_completion``    - the per-completion part bundled into one dict
+
+No torch here on purpose: these run on CPU over decoded text and are easy
+to unit test.
+"""
+
+import math
+import re
+from typing import Callable
+
+ScoreFn = Callable[[str, dict], float]
+
+# Non-greedy + DOTALL: each <answer> pairs with the nearest </answer>, and the
+# answer may span several lines.
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+
+# Text that contains none of the four tags; used for think/answer bodies so a
+# second <think> or <answer> block cannot hide inside the first one.
+_NO_TAGS = r"(?:(?!</?(?:think|answer)>).)*"
+_FORMAT_RE = re.compile(
+    rf"\s*<think>{_NO_TAGS}</think>\s*<answer>({_NO_TAGS})</answer>\s*",
+    re.DOTALL | re.IGNORECASE,
+)
+
+
+def extract_answer(text: str) -> str | None:
+    """Stripped content of the LAST complete <answer>...</answer> pair.
+
+    The last pair wins because models sometimes draft an answer while
+    thinking and then revise it. Stripping matters: reasoning-gym compares
+    strings, so " Yes " only earns 0.6 partial credit where "Yes" earns 1.0.
+    Returns None when there is no complete pair, "" for an empty one.
+    """
+    matches = _ANSWER_RE.findall(text)
+    return matches[-1].strip() if matches else None
+
+
+def format_reward(text: str) -> float:
+    """1.0 iff the completion is exactly one think block then one answer block.
+
+    Only whitespace may surround the blocks and the answer must be non-empty.
+    Binary on purpose: partial credit for emitting tags is easy to farm (the
+    model learns to spam tags instead of solving the task).
+    """
+    match = _FORMAT_RE.fullmatch(text)
+    return 1.0 if match and match.group(1).strip() else 0.0
+
+
+def correctness_reward(answer: str | None, entry: dict, score_answer: ScoreFn) -> float:
+    """Task score in [0, 1] from reasoning-gym's scorer for this entry.
+
+    ``score_answer`` is ``dataset.score_answer`` or
+    ``reasoning_gym.get_score_answer_fn(entry["metadata"]["source_dataset"])``.
+    Some scorers raise on odd strings; a crash in reward code would kill a
+    long training run, so any exception just means "wrong".
+    """
+    if answer is None:
+        return 0.0
+    try:
+        score = float(score_answer(answer, entry))
+    except Exception:
+        return 0.0
+    if not math.isfinite(score):  # NaN would otherwise poison the advantages
+        return 0.0
+    return min(1.0, max(0.0, score))
+
+
+def length_rewards(lengths: list[int], correct: list[bool]) -> list[float]:
+    """Kimi 1.5 length reward for one GRPO group (completions of one prompt).
+
+    lam = 0.5 - (len - min_len) / (max_len - min_len), in [-0.5, 0.5].
+    Correct answers get lam (shorter is better); wrong answers get min(0, lam),
+    so being short is never rewarded when the answer is wrong, but rambling
+    still is penalised. With all lengths equal there is nothing to compare.
+    """
+    if len(lengths) != len(correct):
+        raise ValueError("lengths and correct must have the same size")
+    if not lengths or max(lengths) == min(lengths):
+        return [0.0] * len(lengths)
+    lo, hi = min(lengths), max(lengths)
+    rewards = []
+    for length, ok in zip(lengths, correct):
+        lam = 0.5 - (length - lo) / (hi - lo)
+        rewards.append(lam if ok else min(0.0, lam))
+    return rewards
+
+
+def total_reward(
+    correctness: float,
+    fmt: float,
+    length: float = 0.0,
+    w_correct: float = 0.85,
+    w_format: float = 0.15,
+    w_length: float = 0.0,
+) -> float:
+    """Weighted sum. Correctness dominates; format is a small nudge that
+    mostly matters early, before the model reliably emits the tags."""
+    return w_correct * correctness + w_format * fmt + w_length * length
+
+
+def score_completion(text: str, entry: dict, score_answer: ScoreFn) -> dict:
+    """Everything that can be scored from one completion alone.
+
+    The length reward needs the whole group, so the trainer adds it later.
+    "correct" means full marks: reasoning-gym gives partial credit (e.g.
+    "Yes." scores 0.75 against "Yes"), which must not count as solved.
+    """
+    answer = extract_answer(text)
+    correctness = correctness_reward(answer, entry, score_answer)
+    return {
+        "answer": answer,
+        "correctness": correctness,
+        "format": format_reward(text),
+        "correct": correctness >= 1.0,
+    }

@@ -1,0 +1,291 @@
+"""Specification of grpo.py on tiny random models: sampler, log-probs, buffer, advantages, loss, LoRA."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import grpo
+from conftest import EOS, tiny_model
+
+PROMPTS = [[1, 5, 9, 17, 33], [1, 44], [1, 7, 7, 90, 12, 3, 60, 61]]  # different lengths: left padding matters
+
+
+def greedy_full_recompute(model, prompt, max_new_tokens):
+    """The simplest possible decoder: one prompt, no padding, no cache, the whole sequence re-run each token."""
+    seq = list(prompt)
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([seq])).logits[0, -1]
+        seq.append(int(logits.argmax()))
+        if seq[-1] == EOS:
+            break
+    return seq[len(prompt):]
+
+
+def hf_generate_greedy(model, prompts, max_new_tokens):
+    ids, mask = grpo.left_pad(prompts, EOS, "cpu")
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=EOS, pad_token_id=EOS)[:, ids.shape[1]:]
+    completions = []
+    for row in out.tolist():  # HF pads finished rows with EOS: cut after the first one
+        completions.append(row[:row.index(EOS) + 1] if EOS in row else row)
+    return completions
+
+
+def test_kv_cache_sampling_matches_full_recompute_and_generate(any_tiny_model):
+    model = any_tiny_model
+    ours, truncated = grpo.generate(model, PROMPTS, 1, 24, 0.0, 1.0, EOS)
+    assert ours == [greedy_full_recompute(model, p, 24) for p in PROMPTS]
+    assert ours == hf_generate_greedy(model, PROMPTS, 24)
+    assert truncated == [c[-1] != EOS for c in ours]
+    assert not all(truncated)  # the comparison covers rows that stop at EOS
+    assert all(len(c) <= 24 for c in ours)
+
+
+def test_each_row_stops_at_eos_and_truncation_is_marked():
+    model = tiny_model("llama")
+    completions, truncated = grpo.generate(model, PROMPTS, 4, 12, 1.0, 1.0, EOS, torch.Generator().manual_seed(0))
+    assert len(completions) == 12
+    assert any(truncated) and not all(truncated)
+    for c, t in zip(completions, truncated):
+        assert (EOS not in c and len(c) == 12) if t else (c[-1] == EOS and c.count(EOS) == 1)
+
+
+def test_g_samples_share_the_prompt_cache_and_greedy_copies_agree(tiny):
+    completions, _ = grpo.generate(tiny, PROMPTS, 3, 16, 0.0, 1.0, EOS)
+    singles, _ = grpo.generate(tiny, PROMPTS, 1, 16, 0.0, 1.0, EOS)
+    assert completions == [c for c in singles for _ in range(3)]
+
+
+def test_sampling_is_reproducible_with_a_fixed_seed(tiny):
+    run = lambda seed: grpo.generate(tiny, PROMPTS, 4, 16, 1.0, 0.9, EOS, torch.Generator().manual_seed(seed))[0]
+    assert run(123) == run(123)
+    assert run(123) != run(124)
+
+
+def test_top_p_samples_exactly_the_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log().repeat(4000, 1)
+    tokens = grpo.sample_next(logits, 1.0, 0.9, torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    assert counts[3] == 0  # 0.5 + 0.3 < 0.9 needs token 2; token 3 is outside the nucleus
+    assert torch.allclose(counts[:3], probs[0, :3] / 0.95, atol=0.03)
+
+
+def test_top_p_widens_past_64_candidates_when_the_nucleus_is_wide():
+    torch.manual_seed(0)
+    logits = torch.randn(1000) * 0.01  # nearly flat: top_p 0.5 needs about 500 tokens
+    nucleus_size = int((logits.softmax(-1).sort(descending=True).values.cumsum(0) < 0.5).sum()) + 1
+    allowed = set(logits.argsort(descending=True)[:nucleus_size].tolist())
+    tokens = grpo.sample_next(logits.repeat(3000, 1), 1.0, 0.5, torch.Generator().manual_seed(0)).tolist()
+    assert set(tokens) <= allowed
+    assert len(set(tokens)) > 300
+
+
+def make_buffer(model, G=4, max_new_tokens=12, seed=0):
+    """Sampled completions of the tiny model with fake advantages, as rollout() would store them."""
+    completions, _ = grpo.generate(model, PROMPTS, G, max_new_tokens, 1.0, 1.0, EOS, torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt": PROMPTS[i // G], "completion": c, "advantage": float(torch.randn(1, generator=g))}
+            for i, c in enumerate(completions)]
+
+
+def test_collate_pads_only_after_sequences_and_masks_exactly_the_completion():
+    samples = [{"prompt": [1, 5, 9], "completion": [7, EOS]}, {"prompt": [1], "completion": [4, 4, 4, 4, EOS]}]
+    ids, mask, predicts, targets = grpo.collate(samples, EOS, "cpu")
+    assert ids.tolist() == [[1, 5, 9, 7, EOS, EOS], [1, 4, 4, 4, 4, EOS]]
+    assert mask.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    # position t predicts token t+1: exactly the completion tokens, EOS included, though EOS == pad
+    assert predicts.tolist() == [[0, 0, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]]
+    assert targets.tolist() == [7, EOS, 4, 4, 4, 4, EOS]
+
+
+def test_completion_logprobs_equal_log_softmax_of_full_logits(tiny):
+    buffer = make_buffer(tiny)
+    batch = grpo.collate(buffer, EOS, "cpu")
+    ours = grpo.completion_logprobs(tiny, batch, temperature=0.7, chunk=5)  # small chunks: several of them
+    ids, mask, predicts, targets = batch
+    full = (tiny(input_ids=ids, attention_mask=mask).logits / 0.7).log_softmax(-1)[predicts]
+    assert torch.allclose(ours, full.gather(-1, targets[:, None]).squeeze(-1), atol=1e-10)
+
+
+def cfg_for(**kw):
+    return dataclasses.replace(grpo.Config(), max_new_tokens=12, **kw)
+
+
+def test_first_epoch_ratio_is_exactly_one():
+    model = tiny_model("llama", dtype=torch.float32)
+    grpo.apply_lora(model, 4, 8.0, "q_proj,v_proj")
+    cfg = cfg_for(batch_size=4)
+    minibatches = grpo.shuffled_minibatches(make_buffer(model), cfg.batch_size, torch.Generator().manual_seed(0))
+    grpo.attach_old_logprobs(model, minibatches, cfg, EOS, "cpu")
+    mb = minibatches[0]
+    logp = grpo.completion_logprobs(model, grpo.collate(mb, EOS, "cpu"), cfg.temperature)  # with grad
+    assert logp.requires_grad
+    assert torch.equal(torch.exp(logp - torch.cat([s["old_logp"] for s in mb])), torch.ones_like(logp))
+
+
+def naive_loss(model, samples, cfg):
+    """The unoptimized reference: full logits for the padded batch, masks from positions, plain averages."""
+    ids, mask, predicts, targets = grpo.collate(samples, EOS, "cpu")
+    logp_all = (model(input_ids=ids, attention_mask=mask).logits / cfg.temperature).log_softmax(-1)
+    per_seq = []
+    for i, s in enumerate(samples):
+        p = len(s["prompt"])
+        logp = logp_all[i, p - 1:p - 1 + len(s["completion"])].gather(-1, torch.tensor(s["completion"])[:, None])[:, 0]
+        ratio = torch.exp(logp - s["old_logp"])
+        A = s["advantage"]
+        per_seq.append(-torch.min(ratio * A, ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high) * A))
+    if cfg.loss_agg == "seq":
+        return torch.stack([t.mean() for t in per_seq]).mean()
+    if cfg.loss_agg == "token":
+        return torch.cat(per_seq).sum() / sum(len(t) for t in per_seq)
+    return torch.cat(per_seq).sum() / (len(per_seq) * cfg.max_new_tokens)
+
+
+@pytest.mark.parametrize("loss_agg", ["seq", "token", "dr_grpo"])
+def test_grad_accumulation_matches_big_batch_and_the_naive_loss(loss_agg):
+    model = tiny_model("llama")
+    grpo.apply_lora(model, 4, 8.0, "q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj")
+    for p in model.parameters():  # a non-zero adapter so that the gradient reaches every LoRA matrix
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    buffer = make_buffer(model)
+    cfg = cfg_for(loss_agg=loss_agg)
+    grpo.attach_old_logprobs(model, [buffer], cfg, EOS, "cpu")
+    with torch.no_grad():  # move the policy so that ratios differ from 1 and some get clipped
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(group):
+        model.zero_grad()
+        grpo.accumulate_gradients(model, group, cfg, EOS, "cpu")
+        return [p.grad.clone() for p in params]
+
+    big = grads([buffer])
+    micro = grads([buffer[i:i + 3] for i in range(0, len(buffer), 3)])  # 4 micro-batches, the last one shorter
+    for a, b in zip(big, micro):
+        assert torch.allclose(a, b, atol=1e-12)
+    model.zero_grad()
+    naive_loss(model, buffer, cfg).backward()
+    for a, p in zip(big, params):
+        assert torch.allclose(a, p.grad, atol=1e-12), (a - p.grad).abs().max()
+    assert any(g.abs().sum() > 0 for g in big)
+
+
+def test_identical_rewards_give_zero_advantage():
+    rewards = torch.tensor([[0.15, 0.15, 0.15, 0.15], [1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    for scale in (True, False):
+        adv = grpo.group_advantages(rewards, scale)
+        assert not adv.isnan().any()
+        assert adv[0].eq(0).all() and adv[2].eq(0).all()
+        assert torch.allclose(adv[1].sum(), torch.tensor(0.0))
+    assert torch.allclose(grpo.group_advantages(rewards, False)[1], torch.tensor([0.5, -0.5, 0.5, -0.5]))
+    std = rewards[1].std()
+    assert torch.allclose(grpo.group_advantages(rewards, True)[1], torch.tensor([0.5, -0.5, 0.5, -0.5]) / (std + 1e-4))
+
+
+def test_ppo_loss_clips_only_in_the_direction_of_the_advantage():
+    logp = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5]))  # ratios 1.5, 1.5, 0.5, 0.5 against old_logp = 0
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    loss, clipped = grpo.ppo_loss(logp, torch.zeros(4), None, adv, torch.ones(4), 0.2, 0.2, 0.0)
+    # -min(r A, clip(r) A): 1.5 with A>0 is capped at 1.2; 0.5 with A<0 is capped at 0.8
+    assert torch.allclose(loss, torch.tensor(-1.2 + 1.5 - 0.5 + 0.8))
+    assert clipped.tolist() == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_kl_term_is_zero_when_policy_equals_reference_and_positive_otherwise():
+    logp = torch.tensor([-1.0, -2.0])
+    zero_adv = torch.zeros(2)
+    same, _ = grpo.ppo_loss(logp, logp, logp, zero_adv, torch.ones(2), 0.2, 0.2, 0.1)
+    diff, _ = grpo.ppo_loss(logp, logp, logp + 0.3, zero_adv, torch.ones(2), 0.2, 0.2, 0.1)
+    assert same.item() == 0 and diff.item() > 0
+
+
+def test_fresh_lora_leaves_logits_unchanged_and_only_lora_trains(tiny):
+    ids = torch.tensor([PROMPTS[2]])
+    before = tiny(ids).logits
+    grpo.apply_lora(tiny, 8, 16.0, "q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj")
+    assert torch.equal(tiny(ids).logits, before)
+    trainable = [n for n, p in tiny.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    assert len(trainable) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
+    assert set(grpo.trainable_state_dict(tiny)) == set(trainable)
+
+
+def test_lora_r0_trains_the_full_model(tiny):
+    grpo.apply_lora(tiny, 0, 0.0, "q_proj")
+    assert all(p.requires_grad for p in tiny.parameters())
+
+
+def test_lora_disabled_gives_the_base_model_and_merge_equals_the_adapter(tiny):
+    ids = torch.tensor([PROMPTS[0]])
+    base = tiny(ids).logits
+    grpo.apply_lora(tiny, 4, 8.0, "q_proj,down_proj")
+    for p in tiny.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    adapted = tiny(ids).logits
+    assert not torch.allclose(adapted, base)
+    with grpo.lora_disabled(tiny):
+        assert torch.equal(tiny(ids).logits, base)
+    layer = tiny.model.layers[0].mlp.down_proj
+    x = torch.randn(3, layer.base.in_features, dtype=torch.float64)
+    assert torch.allclose(layer.merged()(x), layer(x), atol=1e-12)
+
+
+def test_token_weights_sum_to_the_aggregate_divisor():
+    samples = [{"completion": [0] * 3}, {"completion": [0] * 5}]
+    seq = grpo.token_weights(samples, "seq", 10)
+    assert [w.sum().item() for w in seq] == pytest.approx([0.5, 0.5])
+    token = grpo.token_weights(samples, "token", 10)
+    assert torch.cat(token).sum().item() == pytest.approx(1.0) and token[0][0].item() == pytest.approx(1 / 8)
+    dr = grpo.token_weights(samples, "dr_grpo", 10)
+    assert dr[0][0].item() == pytest.approx(1 / 20)
+
+
+def test_update_changes_only_lora_weights_and_reports_stats():
+    model = tiny_model("llama", dtype=torch.float32)
+    base = {n: p.clone() for n, p in model.named_parameters()}
+    grpo.apply_lora(model, 4, 8.0, "q_proj,v_proj")
+    buffer = make_buffer(model)
+    cfg = cfg_for(batch_size=4, gradient_accumulation_steps=2, ppo_epochs=2, learning_rate=1e-2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    stats = grpo.update(model, opt, buffer, cfg, EOS, torch.Generator().manual_seed(0), "cpu")
+    assert stats["optimizer_steps"] == 2 * 2  # 12 samples = 3 minibatches -> steps of 2 + 1, two epochs
+    assert 0 <= stats["clip_frac"] <= 1 and stats["grad_norm"] > 0
+    state = dict(model.named_parameters())
+    for n, p in base.items():  # frozen weights untouched (names now sit under .base)
+        moved = n.replace("q_proj.weight", "q_proj.base.weight").replace("v_proj.weight", "v_proj.base.weight")
+        assert torch.equal(state[moved], p)
+    assert any(state[n].abs().sum() > 0 for n in state if n.endswith("lora_B"))
+
+
+def test_checkpoint_round_trip(tmp_path, tiny):
+    grpo.apply_lora(tiny, 4, 8.0, "q_proj")
+    for p in tiny.parameters():
+        if p.requires_grad:
+            p.data.normal_()
+    cfg = dataclasses.replace(grpo.Config(), lora_r=4, lora_alpha=8.0, lora_targets="q_proj")
+    opt = torch.optim.AdamW([p for p in tiny.parameters() if p.requires_grad])
+    path = str(tmp_path / "ckpt.pt")
+    grpo.save_checkpoint(path, tiny, opt, cfg, 7, 123, torch.Generator())
+    other = tiny_model("llama")
+    grpo.apply_lora(other, 4, 8.0, "q_proj")
+    ckpt = grpo.load_weights(other, path, cfg)
+    assert ckpt["step"] == 7 and ckpt["data_index"] == 123
+    ids = torch.tensor([PROMPTS[0]])
+    assert torch.equal(other(ids).logits, tiny(ids).logits)
+
+
+def test_checkpoint_from_another_model_is_a_clear_error(tmp_path, tiny, capsys):
+    grpo.apply_lora(tiny, 4, 8.0, "q_proj")
+    cfg = dataclasses.replace(grpo.Config(), lora_r=4)
+    path = str(tmp_path / "ckpt.pt")
+    grpo.save_checkpoint(path, tiny, torch.optim.AdamW([p for p in tiny.parameters() if p.requires_grad]), cfg, 1, 0,
+                         torch.Generator())
+    with pytest.raises(SystemExit) as e:
+        grpo.load_weights(tiny, path, dataclasses.replace(cfg, model="Qwen/Qwen3-0.6B"))
+    assert e.value.code == 2 and "pass the same" in capsys.readouterr().err
