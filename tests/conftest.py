@@ -38,3 +38,34 @@ def real_model():
     import grpo
     model, tok = grpo.load_model("SmolLM-135M", "cpu", torch.float32)
     return model.eval(), tok
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}"
+                 "{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}")
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with a chat template, built offline: 256 byte tokens + 2 specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                   bos_token="<|im_start|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A folder that `--model` can load: a tiny random Llama (fp32) and the byte tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**COMMON, "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
+                            "pad_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id})
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

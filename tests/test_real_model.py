@@ -1,0 +1,59 @@
+"""The bundled SmolLM2-135M-Instruct (offline): sampler equality and the whole command of the README."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import grpo
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUESTIONS = ["What is the capital of France?", "Is 17 a prime number? Answer Yes or No.",
+             "Consider these statements:\n1. All cats are animals\n2. Some animals are pets\n\n"
+             "Does it logically follow that:\nSome cats are pets?\n(Answer Yes or No)"]
+
+
+def test_greedy_sampler_matches_generate_on_the_real_model(real_model):
+    model, tok = real_model
+    prompts = [grpo.encode_prompt(tok, q) for q in QUESTIONS]
+    ours, truncated = grpo.generate(model, prompts, 1, 40, 0.0, 1.0, tok.eos_token_id)
+    ids, mask = grpo.left_pad(prompts, tok.eos_token_id, "cpu")
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[:, ids.shape[1]:].tolist()
+    eos = tok.eos_token_id
+    assert ours == [row[:row.index(eos) + 1] if eos in row else row for row in out]
+    assert not all(truncated)
+    assert "Paris" in tok.decode(ours[0])
+
+
+def test_greedy_sampler_matches_full_recompute_on_the_real_model(real_model):
+    model, tok = real_model
+    prompt = grpo.encode_prompt(tok, QUESTIONS[2])
+    (ours,), _ = grpo.generate(model, [prompt], 1, 24, 0.0, 1.0, tok.eos_token_id)
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(len(ours)):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    assert ours == seq[len(prompt):]
+
+
+def test_the_short_training_command_runs_offline_and_its_checkpoint_loads(tmp_path):
+    out = tmp_path / "D"
+    r = subprocess.run([sys.executable, "grpo.py", "--max_steps", "2", "--out_dir", str(out),
+                        "--exploration_batchsize", "2", "--G", "2", "--max_new_tokens", "16", "--buffer_size", "4",
+                        "--batch_size", "2", "--gradient_accumulation_steps", "2", "--eval_size", "4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "model: SmolLM2-135M-Instruct" in r.stdout
+    steps = [json.loads(line) for line in open(out / "log.jsonl") if '"reward_mean"' in line]
+    assert [s["step"] for s in steps] == [1, 2]
+    for key in ("reward_mean", "reward_std", "correct_rate", "format_rate", "completion_len_mean", "truncated_rate",
+                "clip_frac", "loss", "step_s", "tokens_per_s"):
+        assert all(key in s for s in steps)
+    model, _ = grpo.load_model("SmolLM-135M", "cpu", torch.float32)
+    grpo.apply_lora(model, 32, 64.0, grpo.Config.lora_targets)
+    ckpt = grpo.load_weights(model, str(out / "ckpt.pt"), grpo.Config())
+    assert ckpt["step"] == 2
