@@ -109,18 +109,16 @@ class Config:
     init_from: str = opt("", "start from this checkpoint's weights (an sft.py or grpo.py ckpt.pt)")
 
 
-def parse_config(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
+def parse_config(cls=Config, argv=None, doc=__doc__):
+    """Every field of the dataclass `cls` becomes a flag --name with its default and help."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
         if f.type is bool or f.type == "bool":
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             p.add_argument(f"--{f.name}", type=typ, default=f.default, help=f.metadata["help"])
-    cfg = Config(**vars(p.parse_args(argv)))
-    check_config(cfg)
-    return cfg
+    return cls(**vars(p.parse_args(argv)))
 
 
 def fail(msg):
@@ -257,6 +255,16 @@ def convert_gguf(gguf: str, out: str) -> None:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     os.replace(tmp, out)  # atomic: a crash mid-way leaves no half-written cache
+
+
+def resolve_device(device: str, dtype: str) -> tuple[str, torch.dtype]:
+    """auto: cuda in bf16 if there is a GPU, else cpu in fp32 (bf16 matmuls are slow on most CPUs)."""
+    device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
+              "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        fail(f"--dtype {dtype}: choose float32, bfloat16, float16 or auto")
+    return device, dtypes[dtype]
 
 
 def load_model(name: str, device: str, dtype: torch.dtype):
@@ -572,13 +580,13 @@ def update(model, optimizer, buffer: list[dict], cfg: Config, pad_id: int, gener
 # Evaluation: greedy answers to held-out questions
 
 @torch.no_grad()
-def evaluate(model, tok, entries: list[dict], score_fn, cfg: Config, batch: int = 32) -> tuple[dict, list[dict]]:
+def evaluate(model, tok, entries: list[dict], score_fn, max_new_tokens: int, batch: int = 32) -> tuple[dict, list[dict]]:
     rows = []
     for i in tqdm(range(0, len(entries), batch), desc="eval", leave=False, dynamic_ncols=True):
         chunk = entries[i:i + batch]
         prompts = [encode_prompt(tok, e["question"]) for e in chunk]
         # greedy: temperature 0 (G = 1 sample per question)
-        completions, truncated = generate(model, prompts, 1, cfg.max_new_tokens, 0.0, 1.0, tok.eos_token_id)
+        completions, truncated = generate(model, prompts, 1, max_new_tokens, 0.0, 1.0, tok.eos_token_id)
         for e, c, tr in zip(chunk, completions, truncated):
             text = tok.decode(c, skip_special_tokens=True)
             rows.append(dict(R.score_completion(text, e, score_fn), question=e["question"], reference=e["answer"],
@@ -658,11 +666,8 @@ def write_plot(out_dir: str, log: list[dict]) -> None:
 # The loop
 
 def main(cfg: Config):
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
-    if dtype is None:
-        fail(f"--dtype {cfg.dtype}: choose float32, bfloat16, float16 or auto")
+    check_config(cfg)
+    device, dtype = resolve_device(cfg.device, cfg.dtype)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume and not os.path.exists(ckpt_path):
         fail(f"--resume: there is no {ckpt_path} to resume from")
@@ -695,6 +700,10 @@ def main(cfg: Config):
     os.makedirs(cfg.out_dir, exist_ok=True)
     log_path, samples_path = os.path.join(cfg.out_dir, "log.jsonl"), os.path.join(cfg.out_dir, "samples.jsonl")
     log = [json.loads(line) for line in open(log_path)] if cfg.resume and os.path.exists(log_path) else []
+    if cfg.resume:  # steps logged after the checkpoint was written are done again: drop them
+        log = [r for r in log if r["step"] <= step]
+        with open(log_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in log)
 
     def write_log(row):
         log.append(row)
@@ -702,7 +711,7 @@ def main(cfg: Config):
             f.write(json.dumps(row) + "\n")
 
     def run_eval():
-        metrics, rows = evaluate(model, tok, eval_entries, eval_set.score_answer, cfg)
+        metrics, rows = evaluate(model, tok, eval_entries, eval_set.score_answer, cfg.max_new_tokens)
         tqdm.write(eval_line(metrics))
         with open(samples_path, "a") as f:
             for r in rows[:8]:
