@@ -487,16 +487,18 @@ def rollout(model, tok, entries: list[dict], score_fn, cfg: Config, generator) -
 # The loss. Every completion token carries a weight such that the weighted sum over one optimizer step's
 # tokens is the chosen average (--loss_agg); micro-batches then just add their weighted sums.
 
-def token_weights(steps_samples: list[dict], loss_agg: str, max_new_tokens: int) -> list[torch.Tensor]:
-    """Per-sample weight vectors (len = completion length) for the samples of one optimizer step."""
-    n_seq = len(steps_samples)
-    n_tok = sum(len(s["completion"]) for s in steps_samples)
-    weights = []
-    for s in steps_samples:
-        n = len(s["completion"])
-        w = {"seq": 1.0 / (n * n_seq), "token": 1.0 / n_tok, "dr_grpo": 1.0 / (n_seq * max_new_tokens)}[loss_agg]
-        weights.append(torch.full((n,), w, dtype=torch.float64))
-    return weights
+def token_weights(samples: list[dict], loss_agg: str, max_new_tokens: int) -> list[torch.Tensor]:
+    """Per-sample weight vectors (one weight per completion token) for the samples of one optimizer step."""
+    n_seq, n_tok = len(samples), sum(len(s["completion"]) for s in samples)
+
+    def weight(n):  # n: this sample's completion length
+        if loss_agg == "seq":
+            return 1.0 / (n * n_seq)
+        if loss_agg == "token":
+            return 1.0 / n_tok
+        return 1.0 / (n_seq * max_new_tokens)  # dr_grpo
+
+    return [torch.full((len(s["completion"]),), weight(len(s["completion"])), dtype=torch.float64) for s in samples]
 
 
 def ppo_loss(logp, old_logp, ref_logp, adv, weight, eps_low, eps_high, beta):

@@ -1,0 +1,294 @@
+"""
+SFT warmup: teach the model the <think> ... </think> <answer> ... </answer> format with a LoRA adapter before
+GRPO. A 135M model almost never writes the tags by itself, and with no well-formed answer every reward is
+equal and RL learns nothing.
+
+    python sft.py                                   # offline, default task syllogism -> out-sft/ckpt.pt
+    python grpo.py --init_from out-sft/ckpt.pt      # then RL from the warmed-up adapter
+
+Where the worked examples come from (all routes write the same examples.jsonl: question, response, and the
+reference answer and metadata the verifier needs):
+- `--data FILE.jsonl`: examples you already have, {"question", "response"} or chat {"messages": [...]}.
+- `--teacher URL --teacher_model NAME`: an OpenAI-compatible chat endpoint is shown each question with its
+  reference answer and asked to reason towards it; answers are cached in the JSONL, so a rerun asks nothing
+  twice.
+- `--source self`: the model itself as the teacher, shown the reference answer and a worked example of the
+  format; only well-formed samples that the verifier scores 1 are kept.
+- `--source metadata` (default): worked examples assembled from what reasoning-gym's metadata states about
+  each question (for syllogism: the premises, the conclusion and whether it follows).
+Only examples that are well-formed and verified correct are kept (user data without answers is trusted).
+The loss covers the response tokens only (and the EOS that ends it).
+"""
+import json
+import os
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import grpo
+import reward as R
+from grpo import fail, opt
+
+
+@dataclass
+class SFTConfig:
+    model: str = opt("SmolLM-135M", "HF hub id or local path; SmolLM-135M = SmolLM2-135M-Instruct, bundled offline")
+    task: str = opt("syllogism", "reasoning-gym task name")
+    out_dir: str = opt("out-sft", "where examples.jsonl, log.jsonl and ckpt.pt go")
+    device: str = opt("auto", "cpu, cuda, or auto")
+    dtype: str = opt("auto", "float32, bfloat16, float16, or auto (bfloat16 on cuda, float32 on cpu)")
+    seed: int = opt(0, "seed for questions, sampling and shuffling")
+    # worked examples
+    source: str = opt("metadata", "metadata (built from reasoning-gym's metadata) or self (the model as teacher)")
+    data: str = opt("", "a JSONL file of worked examples to train on instead")
+    teacher: str = opt("", "OpenAI-compatible base URL (e.g. http://localhost:8000/v1) of a teacher model")
+    teacher_model: str = opt("", "model name to ask the teacher endpoint for")
+    teacher_concurrency: int = opt(4, "teacher requests in flight at once")
+    n_examples: int = opt(200, "worked examples to train on")
+    self_samples: int = opt(4, "--source self: samples per question")
+    # training
+    epochs: int = opt(3, "passes over the examples")
+    learning_rate: float = opt(2e-4, "AdamW learning rate")
+    batch_size: int = opt(8, "sequences per minibatch")
+    gradient_accumulation_steps: int = opt(1, "minibatches per optimizer step")
+    lora_r: int = opt(32, "LoRA rank (0: full model); grpo.py --init_from needs the same")
+    lora_alpha: float = opt(64.0, "LoRA scale numerator")
+    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj", "linear layers given LoRA")
+    # eval
+    eval_size: int = opt(200, "held-out questions evaluated before and after")
+    max_new_tokens: int = opt(300, "longest eval answer")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Worked examples
+
+def example(entry: dict, response: str) -> dict:
+    return {"question": entry["question"], "response": response, "answer": entry.get("answer"),
+            "metadata": entry.get("metadata", {})}
+
+
+def syllogism_response(entry: dict) -> str:
+    m = entry["metadata"]
+    follows = m["is_valid"]
+    verdict = ("Whenever both premises are true, the conclusion is true as well, so it follows." if follows else
+               "The premises can both be true while the conclusion is false, so it does not follow.")
+    return (f"<think>\nPremise 1: {m['premise1']}.\nPremise 2: {m['premise2']}.\n"
+            f"Conclusion to check: {m['conclusion']}.\n{verdict}\n</think>\n"
+            f"<answer>{'Yes' if follows else 'No'}</answer>")
+
+
+def metadata_response(entry: dict) -> str:
+    if entry["metadata"].get("source_dataset") == "syllogism":
+        return syllogism_response(entry)
+    if entry.get("answer") is None:
+        fail(f"--source metadata needs reference answers; task {entry['metadata'].get('source_dataset')} has none: "
+             "use --source self, --teacher or --data")
+    return f"<think>\nThe question asks for one answer; working it out gives {entry['answer']}.\n</think>\n" \
+           f"<answer>{entry['answer']}</answer>"
+
+
+TEACHER_PROMPT = ("{question}\n\nThe correct answer is: {answer}\n"
+                  "Reason step by step towards this answer inside <think> </think>, then give only the answer inside "
+                  "<answer> </answer>, for example:\n<think>\nshort reasoning\n</think>\n<answer>{answer}</answer>")
+
+
+def self_examples(model, tok, entries: list[dict], cfg: SFTConfig, score_fn) -> list[dict]:
+    """The model as its own teacher: shown the reference answer, sampled self_samples times per question;
+    the first well-formed, verified sample of each question is kept."""
+    kept, generator = [], torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+    for i in tqdm(range(0, len(entries), 8), desc="self-teacher", dynamic_ncols=True):
+        chunk = entries[i:i + 8]
+        prompts = [grpo.encode_prompt(tok, TEACHER_PROMPT.format(question=e["question"], answer=e["answer"]))
+                   for e in chunk]
+        completions, _ = grpo.generate(model, prompts, cfg.self_samples, 200, 0.7, 0.95, tok.eos_token_id, generator)
+        for j, e in enumerate(chunk):
+            for c in completions[j * cfg.self_samples:(j + 1) * cfg.self_samples]:
+                text = tok.decode(c, skip_special_tokens=True).strip()
+                s = R.score_completion(text, e, score_fn)
+                if s["format"] and s["correct"]:
+                    kept.append(example(e, text))
+                    break
+    print(f"self-teacher yield: {len(kept)}/{len(entries)} questions got a well-formed, correct sample")
+    return kept
+
+
+def post_json(url: str, body: dict, headers: dict, tries: int = 6, backoff: float = 1.0) -> dict:
+    """POST with retries: rate limits (429), server errors (5xx) and dropped connections wait and try again."""
+    for attempt in range(tries):
+        try:
+            req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json", **headers})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return json.load(r)
+        except urllib.error.HTTPError as e:
+            if e.code != 429 and e.code < 500 or attempt == tries - 1:
+                raise
+        except (urllib.error.URLError, TimeoutError, ConnectionError):
+            if attempt == tries - 1:
+                raise
+        time.sleep(backoff * 2 ** attempt)
+
+
+def teacher_examples(entries: list[dict], cfg: SFTConfig, cache_path: str) -> list[dict]:
+    """Ask the teacher endpoint about every question not yet in the cache; each answer is appended to the
+    cache file as soon as it arrives, so an interrupted run loses nothing."""
+    cached = {ex["question"]: ex for ex in read_jsonl(cache_path)} if os.path.exists(cache_path) else {}
+    todo = [e for e in entries if e["question"] not in cached]
+    headers = {"Authorization": f"Bearer {os.environ['OPENAI_API_KEY']}"} if os.environ.get("OPENAI_API_KEY") else {}
+    lock = threading.Lock()
+
+    def ask(entry):
+        body = {"model": cfg.teacher_model, "temperature": 0.7, "messages": [
+            {"role": "system", "content": grpo.SYSTEM_PROMPT},
+            {"role": "user", "content": TEACHER_PROMPT.format(question=entry["question"], answer=entry["answer"])}]}
+        reply = post_json(cfg.teacher.rstrip("/") + "/chat/completions", body, headers)
+        ex = example(entry, reply["choices"][0]["message"]["content"].strip())
+        with lock, open(cache_path, "a") as f:
+            f.write(json.dumps(ex) + "\n")
+        return ex
+
+    with ThreadPoolExecutor(cfg.teacher_concurrency) as pool:
+        new = list(tqdm(pool.map(ask, todo), total=len(todo), desc="teacher", dynamic_ncols=True))
+    print(f"teacher: {len(new)} new answers, {len(cached)} from the cache {cache_path}")
+    return list(cached.values()) + new
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Worked examples from a JSONL file: {"question", "response"} or {"messages": [...]} per line."""
+    if not os.path.exists(path):
+        fail(f"{path}: no such file")
+    rows = []
+    for n, line in enumerate(open(path, encoding="utf-8"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            fail(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object")
+        if "messages" in row:
+            by_role = {m.get("role"): m.get("content") for m in row["messages"]}
+            row = {**row, "question": by_role.get("user"), "response": by_role.get("assistant")}
+        if not isinstance(row.get("question"), str) or not isinstance(row.get("response"), str):
+            fail(f"{path}:{n}: needs \"question\" and \"response\" strings (or chat \"messages\" with user and "
+                 f"assistant turns)")
+        rows.append(row)
+    return rows
+
+
+def verified(examples: list[dict], score_fn) -> list[dict]:
+    """Keep well-formed examples whose answer the verifier scores 1 (examples without a reference are kept)."""
+    keep = [ex for ex in examples if R.format_reward(ex["response"]) and
+            (ex.get("answer") is None and not ex.get("metadata") or R.score_completion(ex["response"], ex, score_fn)["correct"])]
+    print(f"{len(keep)}/{len(examples)} examples are well-formed and verified")
+    return keep
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: the GRPO trainer's collate and log-prob code, with loss = -mean log-prob of the response tokens
+
+def to_sample(tok, ex: dict) -> dict:
+    response = tok(ex["response"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+    return {"prompt": grpo.encode_prompt(tok, ex["question"]), "completion": response}
+
+
+def sft_loss(model, samples: list[dict], weights: torch.Tensor, pad_id: int, device) -> torch.Tensor:
+    """Weighted negative log-likelihood of the completion tokens only; prompts carry no loss."""
+    logp = grpo.completion_logprobs(model, grpo.collate(samples, pad_id, device), temperature=1.0)
+    return -(logp * weights.to(device, logp.dtype)).sum()
+
+
+def train(model, tok, samples: list[dict], cfg: SFTConfig, device):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+    total_steps = cfg.epochs * -(-len(samples) // per_step)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / total_steps)  # linear decay to 0
+    rng, losses = random.Random(cfg.seed), []
+    bar = tqdm(total=total_steps, desc="sft", dynamic_ncols=True)
+    for _ in range(cfg.epochs):
+        order = samples[:]
+        rng.shuffle(order)
+        for i in range(0, len(order), per_step):
+            step = order[i:i + per_step]
+            weights = grpo.token_weights(step, "token", 0)  # mean over the step's response tokens
+            loss = 0.0
+            for j in range(0, len(step), cfg.batch_size):
+                mb = step[j:j + cfg.batch_size]
+                part = sft_loss(model, mb, torch.cat(weights[j:j + len(mb)]), tok.eos_token_id, device)
+                part.backward()
+                loss += part.item()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+    bar.close()
+    return losses, optimizer
+
+
+def main(cfg: SFTConfig):
+    device, dtype = grpo.resolve_device(cfg.device, cfg.dtype)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.data:
+        given = read_jsonl(cfg.data)
+    if cfg.teacher and not cfg.teacher_model:
+        fail("--teacher needs --teacher_model (the model name the endpoint serves)")
+    if cfg.source not in ("metadata", "self"):
+        fail(f"--source {cfg.source}: choose metadata or self")
+    train_set = grpo.make_task(cfg.task, 10**8, cfg.seed)
+    eval_set = grpo.make_task(cfg.task, cfg.eval_size, grpo.EVAL_SEED)
+    eval_entries = list(eval_set)
+    held_out = {e["question"] for e in eval_entries}
+    model, tok = grpo.load_model(cfg.model, device, dtype)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    examples_path = os.path.join(cfg.out_dir, "examples.jsonl")
+
+    entries, i = [], 0
+    while len(entries) < cfg.n_examples:  # training questions, none of them an eval question
+        if train_set[i]["question"] not in held_out:
+            entries.append(train_set[i])
+        i += 1
+    if cfg.data:
+        examples = verified(given, train_set.score_answer)
+    elif cfg.teacher:
+        examples = verified(teacher_examples(entries, cfg, examples_path), train_set.score_answer)
+    elif cfg.source == "self":
+        examples = self_examples(model, tok, entries, cfg, train_set.score_answer)
+    else:
+        examples = verified([example(e, metadata_response(e)) for e in entries], train_set.score_answer)
+    if not examples:
+        fail("no usable worked examples: nothing to train on")
+    if not cfg.teacher:
+        with open(examples_path, "w") as f:
+            f.writelines(json.dumps(ex) + "\n" for ex in examples)
+
+    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "w")
+    before, _ = grpo.evaluate(model, tok, eval_entries, eval_set.score_answer, cfg.max_new_tokens)
+    print("before SFT " + grpo.eval_line(before))
+    log.write(json.dumps({"stage": "before", **before}) + "\n")
+    grpo.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
+    t0 = time.time()
+    losses, optimizer = train(model, tok, [to_sample(tok, ex) for ex in examples], cfg, device)
+    train_s = time.time() - t0
+    after, rows = grpo.evaluate(model, tok, eval_entries, eval_set.score_answer, cfg.max_new_tokens)
+    print("after SFT  " + grpo.eval_line(after))
+    log.write(json.dumps({"stage": "after", "train_s": train_s, "loss_first": losses[0], "loss_last": losses[-1],
+                          "examples": len(examples), **after}) + "\n")
+    with open(os.path.join(cfg.out_dir, "samples.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows[:20])
+    grpo.save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), model, optimizer, cfg, 0, 0,
+                         torch.Generator().manual_seed(cfg.seed))
+    print(f"saved {os.path.join(cfg.out_dir, 'ckpt.pt')}: python grpo.py --init_from {os.path.join(cfg.out_dir, 'ckpt.pt')}")
+
+
+if __name__ == "__main__":
+    main(grpo.parse_config(SFTConfig, doc=__doc__))

@@ -1,0 +1,107 @@
+"""Specification of sft.py: the loss, the example sources and the teacher client."""
+import dataclasses
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import reasoning_gym as rg
+import torch
+import torch.nn.functional as F
+
+import grpo
+import reward as R
+import sft
+from conftest import EOS, tiny_model
+
+
+def test_prompt_tokens_carry_no_loss():
+    model = tiny_model("llama")
+    samples = [{"prompt": [1, 5, 9, 17], "completion": [40, 41, EOS]}, {"prompt": [1, 3], "completion": [7, 8, 9, 10, EOS]}]
+    weights = torch.cat(grpo.token_weights(samples, "token", 0))
+    ours = sft.sft_loss(model, samples, weights, EOS, "cpu")
+    # reference: cross-entropy over the padded batch with prompt and padding labels ignored (-100)
+    ids, mask, _, _ = grpo.collate(samples, EOS, "cpu")
+    labels = torch.full_like(ids, -100)
+    for i, s in enumerate(samples):
+        p = len(s["prompt"])
+        labels[i, p:p + len(s["completion"])] = torch.tensor(s["completion"])
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(ours, ref, atol=1e-12)
+
+
+def test_metadata_examples_are_well_formed_and_verified():
+    ds = rg.create_dataset("syllogism", size=50, seed=3)
+    for e in ds:
+        response = sft.metadata_response(e)
+        s = R.score_completion(response, e, ds.score_answer)
+        assert s["format"] == 1.0 and s["correct"]
+
+
+def test_a_malformed_jsonl_line_is_reported_with_its_line_number(tmp_path, capsys):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"question": "q", "response": "r"}\n\n{"question": "q2", "response": \n')
+    with pytest.raises(SystemExit) as e:
+        sft.read_jsonl(str(path))
+    assert e.value.code == 2 and "data.jsonl:3: not valid JSON" in capsys.readouterr().err
+
+
+def test_jsonl_reads_question_response_and_chat_messages(tmp_path):
+    path = tmp_path / "data.jsonl"
+    rows = [{"question": "q1", "response": "r1"},
+            {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q2"},
+                          {"role": "assistant", "content": "r2"}]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    got = sft.read_jsonl(str(path))
+    assert [(r["question"], r["response"]) for r in got] == [("q1", "r1"), ("q2", "r2")]
+
+
+class FlakyTeacher(BaseHTTPRequestHandler):
+    """A stand-in OpenAI-compatible endpoint: each question is first refused with 429, then fails with 503,
+    then answered with a well-formed response that gives the reference answer."""
+    seen: dict = {}
+    requests: list = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][-1]["content"]
+        FlakyTeacher.requests.append(prompt)
+        n = FlakyTeacher.seen[prompt] = FlakyTeacher.seen.get(prompt, 0) + 1
+        if n < 3:
+            self.send_response(429 if n == 1 else 503)
+            self.end_headers()
+            return
+        answer = prompt.split("The correct answer is: ")[1].split("\n")[0]
+        reply = {"choices": [{"message": {"role": "assistant", "content": f"<think>ok</think><answer>{answer}</answer>"}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_teacher_client_retries_and_caches(tmp_path, monkeypatch):
+    server = HTTPServer(("127.0.0.1", 0), FlakyTeacher)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sleeps = []
+    monkeypatch.setattr(sft.time, "sleep", sleeps.append)
+    try:
+        entries = list(rg.create_dataset("syllogism", size=3, seed=5))
+        cfg = dataclasses.replace(sft.SFTConfig(), teacher=f"http://127.0.0.1:{server.server_port}/v1",
+                                  teacher_model="stand-in", teacher_concurrency=2)
+        cache = str(tmp_path / "examples.jsonl")
+        got = sft.teacher_examples(entries, cfg, cache)
+        assert len(FlakyTeacher.requests) == 9  # 3 questions x (429, 503, 200)
+        assert sorted(sleeps) == [1.0] * 3 + [2.0] * 3  # per question: wait 1 s, then 2 s (exponential backoff)
+        assert len(sft.verified(got, rg.create_dataset("syllogism", size=3, seed=5).score_answer)) == 3
+        # a rerun asks nothing: every answer is in the cache
+        again = sft.teacher_examples(entries, cfg, cache)
+        assert len(FlakyTeacher.requests) == 9
+        assert sorted(e["question"] for e in again) == sorted(e["question"] for e in entries)
+    finally:
+        server.shutdown()
