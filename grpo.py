@@ -315,6 +315,11 @@ class PreallocatedLayer(DynamicLayer):
     def get_seq_length(self):
         return self.length
 
+    def batch_select_indices(self, indices):
+        # rows that finished leave the batch (a copy of the others' cache, done rarely: see generate)
+        self.k, self.v = self.k[indices], self.v[indices]
+        self.keys, self.values = self.k[:, :, :self.length], self.v[:, :, :self.length]
+
     def batch_repeat_interleave(self, repeats: int):
         # once per rollout, after the prefill: each prompt's cache becomes its G samples' caches
         self.k = self.k.repeat_interleave(repeats, dim=0)
@@ -350,9 +355,10 @@ def left_pad(prompts: list[list[int]], pad_id: int, device):
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], G: int, max_new_tokens: int, temperature: float, top_p: float,
-             eos_id: int, generator=None) -> tuple[list[list[int]], list[bool]]:
+             eos_id: int, generator=None, stop_at_eos: bool = True) -> tuple[list[list[int]], list[bool]]:
     """Sample G completions of each prompt. Returns completions in order (prompt 0's G samples, prompt 1's, ...),
-    each ending with EOS unless it was cut at max_new_tokens (then truncated is True)."""
+    each ending with EOS unless it was cut at max_new_tokens (then truncated is True).
+    stop_at_eos=False samples exactly max_new_tokens for every row (for benchmarks)."""
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, eos_id, device)  # (B, P)
     n_layers = model.config.get_text_config().num_hidden_layers
@@ -365,24 +371,29 @@ def generate(model, prompts: list[list[int]], G: int, max_new_tokens: int, tempe
     logits, mask, pos = logits.repeat_interleave(G, 0), mask.repeat_interleave(G, 0), pos[:, -1:].repeat_interleave(G, 0)
     N = logits.shape[0]
     out = torch.full((N, max_new_tokens), eos_id, device=device)
-    done = torch.zeros(N, dtype=torch.bool, device=device)
     lengths = torch.full((N,), max_new_tokens, device=device)
+    rows = torch.arange(N, device=device)  # the output row of each row still in the batch
+    done = torch.zeros(N, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
         tok = sample_next(logits, temperature, top_p, generator)
-        tok = torch.where(done, eos_id, tok)  # finished rows keep emitting EOS (ignored)
-        out[:, t] = tok
-        newly = (tok == eos_id) & ~done
-        lengths[newly] = t + 1
+        out[rows, t] = torch.where(done, eos_id, tok)
+        newly = (tok == eos_id) & ~done & stop_at_eos
+        lengths[rows[newly]] = t + 1
         done |= newly
         if bool(done.all()) or t == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones(N, 1, dtype=mask.dtype, device=device)], dim=1)
+        if int(done.sum()) * 4 >= len(done):  # a quarter of the batch has finished: stop computing those rows
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, tok, mask, pos, done = rows[keep], tok[keep], mask[keep], pos[keep], done[keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         pos = pos + 1
         h = model.model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
                         past_key_values=cache).last_hidden_state
         logits = model.lm_head(h[:, -1])
-    lengths, done = lengths.tolist(), done.tolist()
-    return [out[i, :lengths[i]].tolist() for i in range(N)], [not d for d in done]
+    truncated = (lengths == max_new_tokens) & ~((out[:, -1] == eos_id) & stop_at_eos)
+    lengths, out = lengths.tolist(), out.tolist()
+    return [out[i][:lengths[i]] for i in range(N)], truncated.tolist()
 
 
 # ----------------------------------------------------------------------------------------------------------

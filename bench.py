@@ -1,0 +1,128 @@
+"""
+bench.py: how fast grpo.py samples and trains, measured in one run against this machine's own limits.
+
+    python bench.py            # a table
+    python bench.py --json     # the same numbers as one JSON object
+    python bench.py --device cuda --dtype bfloat16
+
+Measured on the same model and batch: the fp32 (or --dtype) matmul peak; our KV-cache sampler and Hugging
+Face `generate` on the same prompts, batch (8 questions x 6 samples), fixed length (128 new tokens, no early
+stop) and sampling settings (T = 0.7, top-p 0.95, no top-k); LoRA training throughput (forward + backward +
+AdamW step, the way grpo.py trains); and one whole GRPO step (rollout, scoring, update) at 8 x 6, 128 new
+tokens, one buffer of 48. The compute limits are the matmul peak divided by the model's FLOPs per token:
+2 x params to sample a token, 4 x params to train one with LoRA (forward + the backward to the inputs;
+the LoRA weight gradients are small). Ratios, not seconds, are what carry over to another machine.
+"""
+import argparse
+import dataclasses
+import json
+import resource
+import time
+
+import torch
+
+import grpo
+
+
+def timed(fn, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
+def matmul_gflops(device, dtype, n=2048, reps=10) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    _, s = timed(lambda: [a @ b for _ in range(reps)], device)
+    return 2 * n ** 3 * reps / s / 1e9
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ap.add_argument("--model", default="SmolLM-135M")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--new_tokens", type=int, default=128)
+    args = ap.parse_args()
+    device, dtype = grpo.resolve_device(args.device, args.dtype)
+    cfg = dataclasses.replace(grpo.Config(), model=args.model, max_new_tokens=args.new_tokens, buffer_size=48,
+                              batch_size=16, gradient_accumulation_steps=3)  # the 48 samples: one optimizer step
+    model, tok = grpo.load_model(cfg.model, device, dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    task = grpo.make_task(cfg.task, 10**6, 0)
+    entries = [task[i] for i in range(cfg.exploration_batchsize)]
+    prompts = [grpo.encode_prompt(tok, e["question"]) for e in entries]
+    r = {"device": device, "dtype": str(dtype).replace("torch.", ""), "model_params_m": n_params / 1e6,
+         "matmul_gflops": matmul_gflops(device, dtype)}
+    sample_limit = r["matmul_gflops"] * 1e9 / (2 * n_params)
+
+    # 1. sampling: ours vs HF generate, identical work
+    gen = torch.Generator(device=device).manual_seed(0)
+    run_ours = lambda: grpo.generate(model, prompts, cfg.G, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                     tok.eos_token_id, gen, stop_at_eos=False)
+    grpo.generate(model, prompts[:1], 1, 4, 1.0, 1.0, tok.eos_token_id)  # warm-up
+    (completions, _), s = timed(run_ours, device)
+    n_tokens = sum(len(c) for c in completions)
+    assert n_tokens == len(prompts) * cfg.G * cfg.max_new_tokens
+    r["sampler_tok_s"] = n_tokens / s
+    ids, mask = grpo.left_pad(prompts, tok.eos_token_id, device)
+    with torch.no_grad():
+        out, s = timed(lambda: model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+            num_return_sequences=cfg.G, max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens,
+            pad_token_id=tok.eos_token_id), device)
+    r["hf_generate_tok_s"] = (out.shape[1] - ids.shape[1]) * out.shape[0] / s
+    r["sampler_vs_hf"] = r["sampler_tok_s"] / r["hf_generate_tok_s"]
+    r["sampler_vs_limit"] = r["sampler_tok_s"] / sample_limit
+
+    # 2. training: LoRA forward + backward + AdamW on the 48 sampled sequences, as grpo.py trains
+    grpo.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    buffer = [{"prompt": prompts[i // cfg.G], "completion": c, "advantage": 1.0 if i % 2 else -1.0}
+              for i, c in enumerate(completions)]
+    minibatches = [buffer[i:i + cfg.batch_size] for i in range(0, len(buffer), cfg.batch_size)]
+    grpo.attach_old_logprobs(model, minibatches, cfg, tok.eos_token_id, device)
+
+    def train_step():
+        grpo.accumulate_gradients(model, minibatches, cfg, tok.eos_token_id, device)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    _, s = timed(train_step, device)
+    train_tokens = sum(len(b["prompt"]) + len(b["completion"]) for b in buffer)
+    r["train_tok_s"] = train_tokens / s
+    r["train_vs_limit"] = r["train_tok_s"] / (sample_limit / 2)
+
+    # 3. one whole GRPO step: rollout (sampling, scoring, advantages), old log-probs, update
+    def grpo_step():
+        batch = grpo.rollout(model, tok, entries, task.score_answer, cfg, gen)
+        return grpo.update(model, optimizer, batch, cfg, tok.eos_token_id, gen, device)
+
+    _, r["grpo_step_s"] = timed(grpo_step, device)
+    r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device == "cuda":
+        r["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if args.json:
+        print(json.dumps(r))
+        return
+    print(f"\n{args.model} on {device} ({r['dtype']}), {cfg.exploration_batchsize} prompts x {cfg.G} samples, "
+          f"{cfg.max_new_tokens} new tokens")
+    rows = [("matmul peak", f"{r['matmul_gflops']:.0f} GFLOP/s", f"sampling limit {sample_limit:.0f} tok/s"),
+            ("our sampler", f"{r['sampler_tok_s']:.0f} tok/s", f"{r['sampler_vs_hf']:.2f}x HF generate, "
+                                                               f"{100 * r['sampler_vs_limit']:.0f}% of the limit"),
+            ("HF generate", f"{r['hf_generate_tok_s']:.0f} tok/s", ""),
+            ("LoRA training", f"{r['train_tok_s']:.0f} tok/s", f"{100 * r['train_vs_limit']:.0f}% of the limit"),
+            ("GRPO step 8x6", f"{r['grpo_step_s']:.1f} s", "rollout + scoring + update"),
+            ("peak RSS", f"{r['peak_rss_mb']:.0f} MB", "")]
+    for name, value, note in rows:
+        print(f"{name:<15} {value:>14}   {note}")
+
+
+if __name__ == "__main__":
+    main()
