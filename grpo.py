@@ -68,7 +68,7 @@ def opt(default, help):
 class Config:
     # model and data
     model: str = opt("SmolLM-135M", "HF hub id or local path; SmolLM-135M = SmolLM2-135M-Instruct, bundled offline")
-    task: str = opt("syllogism", "reasoning-gym task name")
+    task: str = opt("syllogism", "reasoning-gym task, with settings as name:key=value (syllogism:invalid_ratio=0.5)")
     out_dir: str = opt("out", "where log.jsonl, samples.jsonl, ckpt.pt and curves.png go")
     device: str = opt("auto", "cpu, cuda, or auto (cuda if available)")
     dtype: str = opt("auto", "float32, bfloat16, float16, or auto (bfloat16 on cuda, float32 on cpu)")
@@ -445,14 +445,28 @@ def completion_logprobs(model, batch, temperature: float, chunk: int = 1024):
 # ----------------------------------------------------------------------------------------------------------
 # Tasks and rollout: questions -> G completions each -> rewards -> group advantages -> buffer entries
 
-def make_task(name: str, size: int, seed: int):
+def make_task(spec: str, size: int, seed: int):
+    """A reasoning-gym dataset from "name" or "name:key=value:key=value" (e.g. syllogism:invalid_ratio=0.5)."""
     import reasoning_gym
     from reasoning_gym.factory import DATASETS
+    name, *settings = spec.split(":")
     if name not in DATASETS:
         close = difflib.get_close_matches(name, DATASETS, n=3)
         fail(f"unknown task {name!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
-             + " (reasoning-gym has " + str(len(DATASETS)) + " tasks: python -c 'import reasoning_gym.factory as f; print(sorted(f.DATASETS))')")
-    return reasoning_gym.create_dataset(name, size=size, seed=seed)
+             + " (list them: python -c 'import reasoning_gym.factory as f; print(sorted(f.DATASETS))')")
+    kwargs = {}
+    for kv in settings:
+        key, eq, value = kv.partition("=")
+        if not eq:
+            fail(f"task setting {kv!r} in {spec!r}: write key=value, e.g. syllogism:invalid_ratio=0.5")
+        try:
+            kwargs[key] = json.loads(value)  # numbers, true/false; anything else stays a string
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    try:
+        return reasoning_gym.create_dataset(name, size=size, seed=seed, **kwargs)
+    except (TypeError, AssertionError, ValueError) as e:
+        fail(f"task {spec!r}: {e or 'invalid setting'}")
 
 
 def encode_prompt(tok, question: str) -> list[int]:

@@ -26,6 +26,8 @@ def test_help_lists_every_config_field_with_its_default():
 
 @pytest.mark.parametrize("args, message", [
     (["--task", "sylogism"], "did you mean syllogism"),
+    (["--task", "syllogism:invalid_ratio"], "write key=value"),
+    (["--task", "syllogism:no_such_setting=1"], "no_such_setting"),
     (["--G", "1"], "G must be at least 2"),
     (["--top_p", "1.5"], "top_p 1.5"),
     (["--learning_rate", "-1e-5"], "learning_rate"),
@@ -36,6 +38,12 @@ def test_bad_input_is_a_one_line_error_with_exit_code_2(args, message, tmp_path)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_task_settings_reach_reasoning_gym():
+    balanced = grpo.make_task("syllogism:invalid_ratio=0.5", 400, 0)
+    assert balanced.config.invalid_ratio == 0.5
+    assert 0.4 < sum(e["answer"] == "No" for e in balanced) / 400 < 0.6
 
 
 def small_config(model_dir, out_dir, **kw):
