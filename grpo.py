@@ -37,6 +37,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -104,6 +105,7 @@ class Config:
     max_steps: int = opt(100, "training steps (one step = fill the buffer, then update)")
     eval_interval: int = opt(10, "evaluate every this many steps (0: only before and after training)")
     eval_size: int = opt(200, "held-out questions in each eval")
+    save_interval: int = opt(1, "write out_dir/ckpt.pt every this many steps (and on the last step, SIGTERM, Ctrl-C)")
     eval_only: bool = opt(False, "evaluate and exit")
     resume: bool = opt(False, "continue from out_dir/ckpt.pt")
     init_from: str = opt("", "start from this checkpoint's weights (an sft.py or grpo.py ckpt.pt)")
@@ -137,7 +139,7 @@ def check_config(cfg: Config):
     if cfg.learning_rate < 0:
         fail(f"--learning_rate {cfg.learning_rate}: must be >= 0")
     for name in ("max_new_tokens", "exploration_batchsize", "batch_size", "gradient_accumulation_steps",
-                 "ppo_epochs", "buffer_size", "eval_size"):
+                 "ppo_epochs", "buffer_size", "eval_size", "save_interval"):
         if getattr(cfg, name) < 1:
             fail(f"--{name} {getattr(cfg, name)}: must be at least 1")
     if cfg.loss_agg not in ("seq", "token", "dr_grpo"):
@@ -269,14 +271,18 @@ def resolve_device(device: str, dtype: str) -> tuple[str, torch.dtype]:
 
 def load_model(name: str, device: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # we print one line naming the weights instead
+    if name.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        fail(f"--model {name}: no such folder (give a local model folder or a hub id such as Qwen/Qwen3-0.6B)")
     path, line = resolve_model(name)
     try:
         tok = AutoTokenizer.from_pretrained(path)
+        if not tok.chat_template:
+            fail(f"model {name!r} has no chat template: use an instruct/chat model")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     except (OSError, ValueError) as e:
         fail(f"cannot load model {name!r} ({str(e).splitlines()[0]}); give a hub id or a local model folder")
-    if not tok.chat_template:
-        fail(f"model {name!r} has no chat template: use an instruct/chat model")
     print(f"{line} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {device} {dtype}", flush=True)
     return model, tok
 
@@ -469,6 +475,14 @@ def make_task(spec: str, size: int, seed: int):
         fail(f"task {spec!r}: {e or 'invalid setting'}")
 
 
+def check_context(model, prompts: list[list[int]], max_new_tokens: int) -> None:
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    longest = max(len(p) for p in prompts)
+    if limit and longest + max_new_tokens > limit:
+        fail(f"a prompt of {longest} tokens + --max_new_tokens {max_new_tokens} exceeds the model's context of "
+             f"{limit} tokens: lower --max_new_tokens")
+
+
 def encode_prompt(tok, question: str) -> list[int]:
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -494,6 +508,7 @@ def score_group(texts, lengths, entry, score_fn, cfg: Config) -> list[dict]:
 def rollout(model, tok, entries: list[dict], score_fn, cfg: Config, generator) -> list[dict]:
     """Sample G completions for each entry, score them and return buffer entries (unpadded token lists)."""
     prompts = [encode_prompt(tok, e["question"]) for e in entries]
+    check_context(model, prompts, cfg.max_new_tokens)
     completions, truncated = generate(model, prompts, cfg.G, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                       tok.eos_token_id, generator)
     samples = []
@@ -580,10 +595,13 @@ def accumulate_gradients(model, group: list[list[dict]], cfg: Config, pad_id: in
 def update(model, optimizer, buffer: list[dict], cfg: Config, pad_id: int, generator, device) -> dict:
     """ppo_epochs passes of shuffled minibatches over the buffer; an optimizer step every
     gradient_accumulation_steps minibatches (the last step of a pass may have fewer)."""
+    if all(s["advantage"] == 0 for s in buffer) and not cfg.beta:
+        tqdm.write("every advantage in this buffer is 0 (each group's rewards were equal): no update this step")
+        return {"loss": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "optimizer_steps": 0, "skipped_steps": 0}
     params = [p for p in model.parameters() if p.requires_grad]
     minibatches = shuffled_minibatches(buffer, cfg.batch_size, generator)
     attach_old_logprobs(model, minibatches, cfg, pad_id, device)
-    losses, clips, norms = [], [], []
+    losses, clips, norms, skipped = [], [], [], 0
     bar = tqdm(total=cfg.ppo_epochs * len(minibatches), desc="update", leave=False, dynamic_ncols=True)
     for epoch in range(cfg.ppo_epochs):
         if epoch > 0:
@@ -592,15 +610,21 @@ def update(model, optimizer, buffer: list[dict], cfg: Config, pad_id: int, gener
             group = minibatches[i:i + cfg.gradient_accumulation_steps]
             loss, clip_fracs = accumulate_gradients(model, group, cfg, pad_id, device)
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            bar.update(len(group))
+            if not (math.isfinite(loss) and torch.isfinite(norm)):  # one bad batch must not poison the weights
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                tqdm.write(f"non-finite loss or gradient (loss {loss}, grad norm {norm.item()}): optimizer step skipped")
+                continue
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss)
             clips += clip_fracs
             norms.append(norm.item())
-            bar.update(len(group))
     bar.close()
-    return {"loss": sum(losses) / len(losses), "clip_frac": sum(clips) / len(clips),
-            "grad_norm": sum(norms) / len(norms), "optimizer_steps": len(losses)}
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+    return {"loss": mean(losses), "clip_frac": mean(clips), "grad_norm": mean(norms), "optimizer_steps": len(losses),
+            "skipped_steps": skipped}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -645,23 +669,29 @@ def save_checkpoint(path: str, model, optimizer, cfg: Config, step: int, data_in
     os.replace(path + ".tmp", path)
 
 
-def load_weights(model, path: str, cfg: Config) -> dict:
-    """Load a checkpoint's trained weights (LoRA or full) into `model`; errors name what does not match."""
+def read_checkpoint(path: str, cfg) -> dict:
+    """A checkpoint of grpo.py or sft.py, checked against this run's model and LoRA shape before any heavy work."""
     if not os.path.exists(path):
         fail(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        weights, saved = ckpt["model"], ckpt["config"]
+        saved = ckpt["config"]
+        ckpt["model"]
     except Exception as e:
-        fail(f"{path} is not a checkpoint of grpo.py or sft.py ({e})")
-    if saved.get("model") != cfg.model or saved.get("lora_r") != cfg.lora_r:
-        fail(f"{path} was trained from --model {saved.get('model')} --lora_r {saved.get('lora_r')}, "
-             f"this run has --model {cfg.model} --lora_r {cfg.lora_r}: pass the same")
-    missing = set(weights) - set(model.state_dict())
-    if missing:
-        fail(f"{path} holds weights this model does not have (e.g. {sorted(missing)[0]}): check --lora_targets")
-    model.load_state_dict(weights, strict=False)
+        fail(f"{path} is not a checkpoint of grpo.py or sft.py ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    for key in ("model", "lora_r", "lora_targets"):
+        if saved.get(key) != getattr(cfg, key):
+            fail(f"{path} was trained with --{key} {saved.get(key)}, this run has --{key} {getattr(cfg, key)}: "
+                 f"pass the same")
     return ckpt
+
+
+def load_weights(model, ckpt: dict) -> None:
+    """Put a checkpoint's trained weights (LoRA or full) into `model`."""
+    missing = set(ckpt["model"]) - set(model.state_dict())
+    if missing:
+        fail(f"the checkpoint holds weights this model does not have (e.g. {sorted(missing)[0]})")
+    model.load_state_dict(ckpt["model"], strict=False)
 
 
 def write_plot(out_dir: str, log: list[dict]) -> None:
@@ -698,6 +728,7 @@ def main(cfg: Config):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume and not os.path.exists(ckpt_path):
         fail(f"--resume: there is no {ckpt_path} to resume from")
+    ckpt = read_checkpoint(ckpt_path if cfg.resume else cfg.init_from, cfg) if cfg.resume or cfg.init_from else None
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -707,14 +738,16 @@ def main(cfg: Config):
     eval_entries = list(eval_set)
     held_out = {e["question"] for e in eval_entries}  # never train on an eval question
     model, tok = load_model(cfg.model, device, dtype)
+    check_context(model, [encode_prompt(tok, e["question"]) for e in eval_entries], cfg.max_new_tokens)
     apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"trainable: {n_train / 1e6:.2f}M params ({'LoRA r=%d' % cfg.lora_r if cfg.lora_r else 'full model'})")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     step, data_index = 0, 0
+    if ckpt:
+        load_weights(model, ckpt)
     if cfg.resume:
-        ckpt = load_weights(model, ckpt_path, cfg)
         optimizer.load_state_dict(ckpt["optimizer"])
         step, data_index = ckpt["step"], ckpt["data_index"]
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -722,7 +755,6 @@ def main(cfg: Config):
         generator.set_state(ckpt["rng"]["generator"])
         print(f"resumed from {ckpt_path} at step {step}")
     elif cfg.init_from:
-        load_weights(model, cfg.init_from, cfg)
         print(f"initialised from {cfg.init_from}")
     os.makedirs(cfg.out_dir, exist_ok=True)
     log_path, samples_path = os.path.join(cfg.out_dir, "log.jsonl"), os.path.join(cfg.out_dir, "samples.jsonl")
@@ -749,6 +781,17 @@ def main(cfg: Config):
         write_log({"step": step, **run_eval()})
         if cfg.eval_only:
             return
+
+    stop = []  # SIGTERM (preemption) or Ctrl-C: finish the step, checkpoint, exit; a second one stops at once
+
+    def on_signal(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        tqdm.write(f"signal {signum}: finishing step {step + 1}, then saving {ckpt_path} (again to stop now)")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     while step < cfg.max_steps:
         t0 = time.time()
         # 1. rollout until the buffer is full
@@ -792,8 +835,12 @@ def main(cfg: Config):
         if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
             row.update(run_eval())
         write_log(row)
-        save_checkpoint(ckpt_path, model, optimizer, cfg, step, data_index, generator)
         write_plot(cfg.out_dir, log)
+        stopping = bool(stop)  # read once: a signal arriving after this line is served at the end of the next step
+        if step % cfg.save_interval == 0 or step == cfg.max_steps or stopping:
+            save_checkpoint(ckpt_path, model, optimizer, cfg, step, data_index, generator)
+        if stopping:
+            break
 
 
 if __name__ == "__main__":

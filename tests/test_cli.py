@@ -47,9 +47,9 @@ def test_task_settings_reach_reasoning_gym():
 
 
 def small_config(model_dir, out_dir, **kw):
-    return dataclasses.replace(grpo.Config(), model=model_dir, out_dir=str(out_dir), max_new_tokens=8,
-                               exploration_batchsize=2, G=2, buffer_size=4, batch_size=2, gradient_accumulation_steps=2,
-                               eval_size=4, eval_interval=1, lora_r=4, lora_alpha=8.0, **kw)
+    small = dict(model=model_dir, out_dir=str(out_dir), max_new_tokens=8, exploration_batchsize=2, G=2, buffer_size=4,
+                 batch_size=2, gradient_accumulation_steps=2, eval_size=4, eval_interval=1, lora_r=4, lora_alpha=8.0)
+    return dataclasses.replace(grpo.Config(), **{**small, **kw})
 
 
 def read_log(out_dir):

@@ -274,7 +274,8 @@ def test_checkpoint_round_trip(tmp_path, tiny):
     grpo.save_checkpoint(path, tiny, opt, cfg, 7, 123, torch.Generator())
     other = tiny_model("llama")
     grpo.apply_lora(other, 4, 8.0, "q_proj")
-    ckpt = grpo.load_weights(other, path, cfg)
+    ckpt = grpo.read_checkpoint(path, cfg)
+    grpo.load_weights(other, ckpt)
     assert ckpt["step"] == 7 and ckpt["data_index"] == 123
     ids = torch.tensor([PROMPTS[0]])
     assert torch.equal(other(ids).logits, tiny(ids).logits)
@@ -287,5 +288,5 @@ def test_checkpoint_from_another_model_is_a_clear_error(tmp_path, tiny, capsys):
     grpo.save_checkpoint(path, tiny, torch.optim.AdamW([p for p in tiny.parameters() if p.requires_grad]), cfg, 1, 0,
                          torch.Generator())
     with pytest.raises(SystemExit) as e:
-        grpo.load_weights(tiny, path, dataclasses.replace(cfg, model="Qwen/Qwen3-0.6B"))
+        grpo.read_checkpoint(path, dataclasses.replace(cfg, model="Qwen/Qwen3-0.6B"))
     assert e.value.code == 2 and "pass the same" in capsys.readouterr().err

@@ -55,5 +55,6 @@ def test_the_short_training_command_runs_offline_and_its_checkpoint_loads(tmp_pa
         assert all(key in s for s in steps)
     model, _ = grpo.load_model("SmolLM-135M", "cpu", torch.float32)
     grpo.apply_lora(model, 32, 64.0, grpo.Config.lora_targets)
-    ckpt = grpo.load_weights(model, str(out / "ckpt.pt"), grpo.Config())
+    ckpt = grpo.read_checkpoint(str(out / "ckpt.pt"), grpo.Config())
+    grpo.load_weights(model, ckpt)
     assert ckpt["step"] == 2

@@ -1,0 +1,133 @@
+"""Never lose a run: resume after kill -9, guards against bad batches, clear errors for bad input."""
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import grpo
+from conftest import EOS, tiny_model
+from test_cli import ROOT, small_config
+
+TIMING = {"step_s", "sample_s", "tokens_per_s", "sample_tokens_per_s"}
+
+
+def cli_args(model_dir, out_dir, **kw):
+    cfg = small_config(model_dir, out_dir, **kw)
+    args = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value != f.default:
+            args += [f"--{f.name}"] if value is True else [f"--{f.name}", str(value)]
+    return [sys.executable, "grpo.py", *args]
+
+
+def steps(out_dir):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in open(os.path.join(out_dir, "log.jsonl"))]
+
+
+def test_resume_after_sigkill_repeats_and_skips_no_step(tiny_model_dir, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(cli_args(tiny_model_dir, whole, max_steps=4, max_new_tokens=48), cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    proc = subprocess.Popen(cli_args(tiny_model_dir, killed, max_steps=4, max_new_tokens=48), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "ckpt.pt").exists() and time.time() < deadline:  # the first step is checkpointed ...
+        time.sleep(0.05)
+    time.sleep(0.3)  # ... and the run is inside a later step
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    logged = [r["step"] for r in steps(killed)]
+    assert logged[-1] < 4, "the kill came too late to test anything"
+    subprocess.run(cli_args(tiny_model_dir, killed, max_steps=4, max_new_tokens=48, resume=True), cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    assert [r["step"] for r in steps(killed)] == [0, 1, 2, 3, 4]
+    assert steps(killed) == steps(whole)  # same rewards, losses and eval results: nothing repeated or skipped
+
+
+def test_sigterm_finishes_the_step_and_checkpoints(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(cli_args(tiny_model_dir, out, max_steps=50, max_new_tokens=48, save_interval=100), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "log.jsonl").exists() or len(steps(out)) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    last = steps(out)[-1]["step"]
+    assert last < 50 and torch.load(out / "ckpt.pt", weights_only=False)["step"] == last
+
+
+def buffer_and_optimizer(advantages):
+    model = tiny_model("llama", dtype=torch.float32)
+    grpo.apply_lora(model, 4, 8.0, "q_proj")
+    completions, _ = grpo.generate(model, [[1, 5, 9]], len(advantages), 6, 1.0, 1.0, EOS, torch.Generator().manual_seed(0))
+    buffer = [{"prompt": [1, 5, 9], "completion": c, "advantage": a} for c, a in zip(completions, advantages)]
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    return model, buffer, opt
+
+
+@pytest.mark.parametrize("advantages, reason", [([0.0, 0.0, 0.0, 0.0], "all zero"),
+                                                ([1.0, float("nan"), -1.0, 0.0], "nan")])
+def test_a_buffer_without_signal_or_with_nan_makes_no_update(advantages, reason):
+    model, buffer, opt = buffer_and_optimizer(advantages)
+    before = {k: v.clone() for k, v in grpo.trainable_state_dict(model).items()}
+    cfg = dataclasses.replace(grpo.Config(), batch_size=4, gradient_accumulation_steps=1, max_new_tokens=6)
+    stats = grpo.update(model, opt, buffer, cfg, EOS, torch.Generator().manual_seed(0), "cpu")
+    assert stats["optimizer_steps"] == 0
+    assert stats["skipped_steps"] == (1 if reason == "nan" else 0)
+    for k, v in grpo.trainable_state_dict(model).items():
+        assert torch.equal(v, before[k])
+
+
+def run_cli(args, tmp_path):
+    r = subprocess.run([sys.executable, "grpo.py", *args, "--out_dir", str(tmp_path / "out")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    return r.stderr
+
+
+def test_a_model_path_that_does_not_exist(tmp_path):
+    assert "no such folder" in run_cli(["--model", "./no/such/model"], tmp_path)
+
+
+def test_a_model_without_chat_template(tiny_model_dir, tmp_path):
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_model_dir, plain)
+    for name in os.listdir(plain):
+        if name.endswith(".jinja"):
+            os.remove(plain / name)
+    cfg_path = plain / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("chat_template", None)
+    cfg_path.write_text(json.dumps(cfg))
+    assert "no chat template" in run_cli(["--model", str(plain)], tmp_path)
+
+
+def test_a_prompt_beyond_the_context_window(tiny_model_dir, tmp_path):
+    assert "exceeds the model's context" in run_cli(["--model", tiny_model_dir, "--max_new_tokens", "100000"], tmp_path)
+
+
+def test_a_checkpoint_from_another_model(tiny_model_dir, tmp_path):
+    first = tmp_path / "first"
+    grpo.main(small_config(tiny_model_dir, first, max_steps=1))
+    err = run_cli(["--model", tiny_model_dir, "--lora_r", "8", "--init_from", str(first / "ckpt.pt")], tmp_path)
+    assert "--lora_r 4" in err and "pass the same" in err
+
+
+def test_a_file_that_is_no_checkpoint(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    assert "is not a checkpoint" in run_cli(["--init_from", str(junk)], tmp_path)
