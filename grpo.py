@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -129,6 +130,23 @@ def fail(msg):
     sys.exit(2)
 
 
+def rank_world() -> tuple[int, int]:
+    """(this process's rank, number of processes): (0, 1) unless started by torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all processes (in place); a no-op in a single process."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def progress(**kw):
+    """A progress bar, shown by the first process only."""
+    return tqdm(**kw, leave=False, dynamic_ncols=True, disable=rank_world()[0] > 0)
+
+
 def check_config(cfg: Config):
     if cfg.G < 2:
         fail(f"--G {cfg.G}: GRPO compares completions of one question, so G must be at least 2")
@@ -146,6 +164,10 @@ def check_config(cfg: Config):
         fail(f"--loss_agg {cfg.loss_agg}: choose seq, token or dr_grpo")
     if cfg.scale_rewards not in ("group", "none"):
         fail(f"--scale_rewards {cfg.scale_rewards}: choose group or none")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    for name in ("exploration_batchsize", "batch_size"):
+        if getattr(cfg, name) % world:
+            fail(f"--{name} {getattr(cfg, name)} does not divide among {world} processes: make it a multiple of {world}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -528,8 +550,9 @@ def rollout(model, tok, entries: list[dict], score_fn, cfg: Config, generator) -
 # tokens is the chosen average (--loss_agg); micro-batches then just add their weighted sums.
 
 def token_weights(samples: list[dict], loss_agg: str, max_new_tokens: int) -> list[torch.Tensor]:
-    """Per-sample weight vectors (one weight per completion token) for the samples of one optimizer step."""
-    n_seq, n_tok = len(samples), sum(len(s["completion"]) for s in samples)
+    """Per-sample weight vectors (one weight per completion token) for the samples of one optimizer step.
+    With several processes the counts are those of the step's samples on all of them."""
+    n_seq, n_tok = all_sum(torch.tensor([len(samples), sum(len(s["completion"]) for s in samples)])).tolist()
 
     def weight(n):  # n: this sample's completion length
         if loss_agg == "seq":
@@ -595,30 +618,36 @@ def accumulate_gradients(model, group: list[list[dict]], cfg: Config, pad_id: in
 def update(model, optimizer, buffer: list[dict], cfg: Config, pad_id: int, generator, device) -> dict:
     """ppo_epochs passes of shuffled minibatches over the buffer; an optimizer step every
     gradient_accumulation_steps minibatches (the last step of a pass may have fewer)."""
-    if all(s["advantage"] == 0 for s in buffer) and not cfg.beta:
+    if not all_sum(torch.tensor(sum(s["advantage"] != 0 for s in buffer))) and not cfg.beta:
         tqdm.write("every advantage in this buffer is 0 (each group's rewards were equal): no update this step")
         return {"loss": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "optimizer_steps": 0, "skipped_steps": 0}
     params = [p for p in model.parameters() if p.requires_grad]
-    minibatches = shuffled_minibatches(buffer, cfg.batch_size, generator)
+    local_batch = cfg.batch_size // rank_world()[1]  # each process takes its share of every minibatch
+    minibatches = shuffled_minibatches(buffer, local_batch, generator)
     attach_old_logprobs(model, minibatches, cfg, pad_id, device)
     losses, clips, norms, skipped = [], [], [], 0
-    bar = tqdm(total=cfg.ppo_epochs * len(minibatches), desc="update", leave=False, dynamic_ncols=True)
+    bar = progress(total=cfg.ppo_epochs * len(minibatches), desc="update")
     for epoch in range(cfg.ppo_epochs):
         if epoch > 0:
-            minibatches = shuffled_minibatches(buffer, cfg.batch_size, generator)
+            minibatches = shuffled_minibatches(buffer, local_batch, generator)
         for i in range(0, len(minibatches), cfg.gradient_accumulation_steps):
             group = minibatches[i:i + cfg.gradient_accumulation_steps]
             loss, clip_fracs = accumulate_gradients(model, group, cfg, pad_id, device)
+            if dist.is_initialized():  # one gradient sync per optimizer step: every process gets the sum
+                flat = all_sum(torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
+                                          for p in params]))
+                for p, g in zip(params, flat.split([p.numel() for p in params])):
+                    p.grad = g.view_as(p)
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             bar.update(len(group))
-            if not (math.isfinite(loss) and torch.isfinite(norm)):  # one bad batch must not poison the weights
+            if not torch.isfinite(norm):  # one bad batch must not poison the weights (same verdict on every rank)
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 tqdm.write(f"non-finite loss or gradient (loss {loss}, grad norm {norm.item()}): optimizer step skipped")
                 continue
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss)
+            losses.append(all_sum(torch.tensor(loss)).item())
             clips += clip_fracs
             norms.append(norm.item())
     bar.close()
@@ -632,8 +661,10 @@ def update(model, optimizer, buffer: list[dict], cfg: Config, pad_id: int, gener
 
 @torch.no_grad()
 def evaluate(model, tok, entries: list[dict], score_fn, max_new_tokens: int, batch: int = 32) -> tuple[dict, list[dict]]:
-    rows = []
-    for i in tqdm(range(0, len(entries), batch), desc="eval", leave=False, dynamic_ncols=True):
+    """Greedy answers to `entries` (each process answers its share); accuracy, format rate, lengths."""
+    rank, world = rank_world()
+    all_entries, entries, rows = entries, entries[rank::world], []
+    for i in progress(iterable=range(0, len(entries), batch), desc="eval"):
         chunk = entries[i:i + batch]
         prompts = [encode_prompt(tok, e["question"]) for e in chunk]
         # greedy: temperature 0 (G = 1 sample per question)
@@ -642,8 +673,12 @@ def evaluate(model, tok, entries: list[dict], score_fn, max_new_tokens: int, bat
             text = tok.decode(c, skip_special_tokens=True)
             rows.append(dict(R.score_completion(text, e, score_fn), question=e["question"], reference=e["answer"],
                              text=text, length=len(c), truncated=tr))
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, rows)
+        rows = [r for part in gathered for r in part]
     n = len(rows)
-    answers = [str(e["answer"]) for e in entries]
+    answers = [str(e["answer"]) for e in all_entries]
     majority = max(answers.count(a) for a in set(answers)) / n
     metrics = {"eval_accuracy": sum(r["correct"] for r in rows) / n,
                "eval_format_rate": sum(r["format"] for r in rows) / n,
@@ -651,6 +686,21 @@ def evaluate(model, tok, entries: list[dict], score_fn, max_new_tokens: int, bat
                "eval_truncated_rate": sum(r["truncated"] for r in rows) / n,
                "eval_majority_rate": majority}
     return metrics, rows
+
+
+def buffer_stats(buffer: list[dict]) -> dict:
+    """Reward and completion statistics of the step's samples, over all processes."""
+    rows = [(s["reward"], s["correct"], s["format"], s["truncated"], s["length_reward"], s["advantage"] == 0,
+             len(s["completion"])) for s in buffer]
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, rows)
+        rows = [r for part in gathered for r in part]
+    t = torch.tensor(rows, dtype=torch.float64)  # (n, 7)
+    m = t.mean(0).tolist()
+    return {"reward_mean": m[0], "reward_std": t[:, 0].std().item(), "correct_rate": m[1], "format_rate": m[2],
+            "truncated_rate": m[3], "length_reward_mean": m[4], "zero_adv_rate": m[5], "completion_len_mean": m[6],
+            "n_samples": len(rows), "n_tokens": int(t[:, 6].sum())}
 
 
 def eval_line(m: dict) -> str:
@@ -725,13 +775,22 @@ def write_plot(out_dir: str, log: list[dict]) -> None:
 def main(cfg: Config):
     check_config(cfg)
     device, dtype = resolve_device(cfg.device, cfg.dtype)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # started by torchrun
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+    rank, world = rank_world()
+    master = rank == 0  # only the first process prints and writes files
+    if not master:
+        sys.stdout = open(os.devnull, "w")
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume and not os.path.exists(ckpt_path):
         fail(f"--resume: there is no {ckpt_path} to resume from")
     ckpt = read_checkpoint(ckpt_path if cfg.resume else cfg.init_from, cfg) if cfg.resume or cfg.init_from else None
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)  # each process samples differently
 
     train_set = make_task(cfg.task, 10**8, cfg.seed)
     eval_set = make_task(cfg.task, cfg.eval_size, EVAL_SEED)
@@ -752,29 +811,36 @@ def main(cfg: Config):
         step, data_index = ckpt["step"], ckpt["data_index"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
-        generator.set_state(ckpt["rng"]["generator"])
+        if master:  # the checkpoint holds the first process's sampling state; the others start afresh
+            generator.set_state(ckpt["rng"]["generator"])
+        else:
+            generator.manual_seed(cfg.seed + rank + 1000 * step)
         print(f"resumed from {ckpt_path} at step {step}")
     elif cfg.init_from:
         print(f"initialised from {cfg.init_from}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
     log_path, samples_path = os.path.join(cfg.out_dir, "log.jsonl"), os.path.join(cfg.out_dir, "samples.jsonl")
     log = [json.loads(line) for line in open(log_path)] if cfg.resume and os.path.exists(log_path) else []
-    if cfg.resume:  # steps logged after the checkpoint was written are done again: drop them
+    if cfg.resume and master:  # steps logged after the checkpoint was written are done again: drop them
         log = [r for r in log if r["step"] <= step]
         with open(log_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in log)
 
     def write_log(row):
         log.append(row)
+        if not master:
+            return
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
     def run_eval():
         metrics, rows = evaluate(model, tok, eval_entries, eval_set.score_answer, cfg.max_new_tokens)
         tqdm.write(eval_line(metrics))
-        with open(samples_path, "a") as f:
-            for r in rows[:8]:
-                f.write(json.dumps({"step": step, "split": "eval", **r}) + "\n")
+        if master:
+            with open(samples_path, "a") as f:
+                for r in rows[:8]:
+                    f.write(json.dumps({"step": step, "split": "eval", **r}) + "\n")
         return metrics
 
     if cfg.eval_only or step == 0:
@@ -796,17 +862,17 @@ def main(cfg: Config):
         t0 = time.time()
         # 1. rollout until the buffer is full
         buffer = []
-        bar = tqdm(total=cfg.buffer_size, desc=f"rollout {step + 1}", leave=False, dynamic_ncols=True)
-        while len(buffer) < cfg.buffer_size:
+        bar = progress(total=cfg.buffer_size, desc=f"rollout {step + 1}")
+        while len(buffer) * world < cfg.buffer_size:
             entries = []
             while len(entries) < cfg.exploration_batchsize:
                 e = train_set[data_index]
                 data_index += 1
                 if e["question"] not in held_out:
                     entries.append(e)
-            new = rollout(model, tok, entries, train_set.score_answer, cfg, generator)
+            new = rollout(model, tok, entries[rank::world], train_set.score_answer, cfg, generator)
             buffer += new
-            bar.update(len(new))
+            bar.update(len(new) * world)
         bar.close()
         t_sample = time.time() - t0
         # 2. update
@@ -814,31 +880,25 @@ def main(cfg: Config):
                        generator, device)
         step += 1
         step_s = time.time() - t0
-        n = len(buffer)
-        rewards = torch.tensor([s["reward"] for s in buffer])
-        n_tokens = sum(len(s["completion"]) for s in buffer)
-        row = {"step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-               "correct_rate": sum(s["correct"] for s in buffer) / n, "format_rate": sum(s["format"] for s in buffer) / n,
-               "completion_len_mean": n_tokens / n, "truncated_rate": sum(s["truncated"] for s in buffer) / n,
-               "length_reward_mean": sum(s["length_reward"] for s in buffer) / n,
-               "zero_adv_rate": sum(s["advantage"] == 0 for s in buffer) / n,
-               **stats, "step_s": step_s, "sample_s": t_sample, "tokens_per_s": n_tokens / step_s,
-               "sample_tokens_per_s": n_tokens / t_sample}
+        row = {"step": step, **buffer_stats(buffer), **stats, "step_s": step_s, "sample_s": t_sample}
+        row.update(tokens_per_s=row["n_tokens"] / step_s, sample_tokens_per_s=row["n_tokens"] / t_sample)
         tqdm.write(f"step {step}/{cfg.max_steps} | reward {row['reward_mean']:.2f}±{row['reward_std']:.2f} | "
                    f"correct {row['correct_rate']:.2f} | format {row['format_rate']:.2f} | "
                    f"len {row['completion_len_mean']:.0f} | clip {row['clip_frac']:.2f} | loss {row['loss']:.4f} | "
                    f"{step_s:.1f}s")
-        with open(samples_path, "a") as f:
-            for s in buffer[:cfg.G]:  # one question's group: its completions side by side
-                keep = ("question", "text", "reward", "correctness", "format", "length_reward", "advantage", "truncated")
-                f.write(json.dumps({"step": step, "split": "train", **{k: s[k] for k in keep}}) + "\n")
         if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
             row.update(run_eval())
         write_log(row)
-        write_plot(cfg.out_dir, log)
-        stopping = bool(stop)  # read once: a signal arriving after this line is served at the end of the next step
-        if step % cfg.save_interval == 0 or step == cfg.max_steps or stopping:
-            save_checkpoint(ckpt_path, model, optimizer, cfg, step, data_index, generator)
+        # read once, and by all processes together: a signal after this line is served at the end of the next step
+        stopping = bool(all_sum(torch.tensor(len(stop))))
+        if master:
+            with open(samples_path, "a") as f:
+                for s in buffer[:cfg.G]:  # one question's group: its completions side by side
+                    keep = ("question", "text", "reward", "correctness", "format", "length_reward", "advantage", "truncated")
+                    f.write(json.dumps({"step": step, "split": "train", **{k: s[k] for k in keep}}) + "\n")
+            write_plot(cfg.out_dir, log)
+            if step % cfg.save_interval == 0 or step == cfg.max_steps or stopping:
+                save_checkpoint(ckpt_path, model, optimizer, cfg, step, data_index, generator)
         if stopping:
             break
 

@@ -131,3 +131,27 @@ def test_a_file_that_is_no_checkpoint(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint")
     assert "is not a checkpoint" in run_cli(["--init_from", str(junk)], tmp_path)
+
+
+@pytest.mark.parametrize("loss_agg", ["seq", "token"])
+def test_two_processes_update_the_weights_as_one_does(tmp_path, loss_agg):
+    script = os.path.join(ROOT, "tests", "ddp_update.py")
+    one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
+    subprocess.run([sys.executable, script, one, loss_agg], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, two,
+                    loss_agg], check=True, timeout=300, capture_output=True)
+    a, b = torch.load(one), torch.load(two)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-12), k
+
+
+def test_torchrun_runs_grpo_with_two_processes(tiny_model_dir, tmp_path):
+    out = tmp_path / "ddp"
+    args = cli_args(tiny_model_dir, out, max_steps=2)[2:]  # drop "python grpo.py"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "grpo.py",
+                        *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [row["step"] for row in steps(out)] == [0, 1, 2]  # written once, by the first process
+    assert steps(out)[1]["n_samples"] == 4
+    assert r.stdout.count("step 2/2") == 1
