@@ -54,7 +54,7 @@ def main():
                               batch_size=16, gradient_accumulation_steps=3)  # the 48 samples: one optimizer step
     model, tok = grpo.load_model(cfg.model, device, dtype)
     n_params = sum(p.numel() for p in model.parameters())
-    task = grpo.make_task(cfg.task, 10**6, 0)
+    task = grpo.load_task(cfg.task, 10**6, 0)
     entries = [task[i] for i in range(cfg.exploration_batchsize)]
     prompts = [grpo.encode_prompt(tok, e["question"]) for e in entries]
     r = {"device": device, "dtype": str(dtype).replace("torch.", ""), "model_params_m": n_params / 1e6,

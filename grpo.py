@@ -50,6 +50,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import reward as R
+import tasks as T
 
 SYSTEM_PROMPT = (
     "You are a helpful assistant. You first think about the reasoning process and then give the answer. "
@@ -70,7 +71,8 @@ def opt(default, help):
 class Config:
     # model and data
     model: str = opt("SmolLM-135M", "HF hub id or local path; SmolLM-135M = SmolLM2-135M-Instruct, bundled offline")
-    task: str = opt("syllogism", "reasoning-gym task, with settings as name:key=value (syllogism:invalid_ratio=0.5)")
+    task: str = opt("syllogism", "reasoning-gym task (name:key=value settings, a,b@weight mixes) or a .jsonl file")
+    eval_task: str = opt("", "evaluate on this task instead (same syntax as --task): does the skill carry over?")
     out_dir: str = opt("out", "where log.jsonl, samples.jsonl, ckpt.pt and curves.png go")
     device: str = opt("auto", "cpu, cuda, or auto (cuda if available)")
     dtype: str = opt("auto", "float32, bfloat16, float16, or auto (bfloat16 on cuda, float32 on cpu)")
@@ -86,6 +88,13 @@ class Config:
     w_correct: float = opt(0.85, "weight of correctness (reasoning-gym score) in the reward")
     w_format: float = opt(0.15, "weight of the <think>..</think><answer>..</answer> format in the reward")
     w_length: float = opt(0.0, "weight of the Kimi 1.5 length reward (shorter correct answers earn more)")
+    w_overlong: float = opt(0.0, "weight of DAPO's soft overlong penalty (0 down to -1 in the last overlong_buffer tokens)")
+    overlong_buffer: int = opt(50, "tokens before max_new_tokens where the overlong penalty ramps down")
+    w_difficulty: float = opt(0.0, "bonus w * (1 - pass rate) for a correct answer (takes effect with --scale_rewards none)")
+    dynamic_sampling: bool = opt(False, "DAPO: drop groups whose answers are all right or all wrong, sample more")
+    dynamic_sampling_bound: float = opt(3.0, "with dynamic sampling: at most this many times the usual rollouts per step")
+    pool_size: int = opt(0, "curriculum: draw questions from a pool of this many, favouring mid pass rates (0: off)")
+    retire_after: int = opt(2, "curriculum: retire a question solved by every sample on its last this-many visits")
     scale_rewards: str = opt("group", "group: divide advantages by the group's reward std; none: don't (Dr. GRPO)")
     # update
     batch_size: int = opt(16, "sequences per minibatch (one forward/backward)")
@@ -165,6 +174,8 @@ def check_config(cfg: Config):
     if cfg.scale_rewards not in ("group", "none"):
         fail(f"--scale_rewards {cfg.scale_rewards}: choose group or none")
     world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and (cfg.dynamic_sampling or cfg.pool_size):
+        fail("--dynamic_sampling and --pool_size run in a single process for now (not under torchrun)")
     for name in ("exploration_batchsize", "batch_size"):
         if getattr(cfg, name) % world:
             fail(f"--{name} {getattr(cfg, name)} does not divide among {world} processes: make it a multiple of {world}")
@@ -473,28 +484,12 @@ def completion_logprobs(model, batch, temperature: float, chunk: int = 1024):
 # ----------------------------------------------------------------------------------------------------------
 # Tasks and rollout: questions -> G completions each -> rewards -> group advantages -> buffer entries
 
-def make_task(spec: str, size: int, seed: int):
-    """A reasoning-gym dataset from "name" or "name:key=value:key=value" (e.g. syllogism:invalid_ratio=0.5)."""
-    import reasoning_gym
-    from reasoning_gym.factory import DATASETS
-    name, *settings = spec.split(":")
-    if name not in DATASETS:
-        close = difflib.get_close_matches(name, DATASETS, n=3)
-        fail(f"unknown task {name!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
-             + " (list them: python -c 'import reasoning_gym.factory as f; print(sorted(f.DATASETS))')")
-    kwargs = {}
-    for kv in settings:
-        key, eq, value = kv.partition("=")
-        if not eq:
-            fail(f"task setting {kv!r} in {spec!r}: write key=value, e.g. syllogism:invalid_ratio=0.5")
-        try:
-            kwargs[key] = json.loads(value)  # numbers, true/false; anything else stays a string
-        except json.JSONDecodeError:
-            kwargs[key] = value
+def load_task(spec: str, size: int, seed: int):
+    """A dataset of questions (tasks.py); bad --task input is a one-line error."""
     try:
-        return reasoning_gym.create_dataset(name, size=size, seed=seed, **kwargs)
-    except (TypeError, AssertionError, ValueError) as e:
-        fail(f"task {spec!r}: {e or 'invalid setting'}")
+        return T.make_task(spec, size, seed)
+    except T.TaskError as e:
+        fail(str(e))
 
 
 def check_context(model, prompts: list[list[int]], max_new_tokens: int) -> None:
@@ -517,17 +512,22 @@ def group_advantages(rewards: torch.Tensor, scale: bool, eps: float = 1e-4) -> t
     return centered / (rewards.std(dim=1, keepdim=True) + eps) if scale else centered
 
 
-def score_group(texts, lengths, entry, score_fn, cfg: Config) -> list[dict]:
-    """Reward parts and total for the G completions of one question."""
+def score_group(texts, lengths, entry, score_fn, cfg: Config, pass_rate=None) -> list[dict]:
+    """Reward parts and total for the G completions of one question. pass_rate: the question's pass rate from
+    the curriculum pool; without one, the group's own."""
     parts = [R.score_completion(t, entry, score_fn) for t in texts]
-    length = R.length_rewards(lengths, [p["correct"] for p in parts]) if cfg.w_length else [0.0] * len(parts)
-    for p, lr in zip(parts, length):
-        p["length_reward"] = lr
-        p["reward"] = R.total_reward(p["correctness"], p["format"], lr, cfg.w_correct, cfg.w_format, cfg.w_length)
+    correct = [p["correct"] for p in parts]
+    length = R.length_rewards(lengths, correct) if cfg.w_length else [0.0] * len(parts)
+    pass_rate = sum(correct) / len(correct) if pass_rate is None else pass_rate
+    for p, lr, n in zip(parts, length, lengths):
+        p["length_reward"], p["overlong"] = lr, R.overlong_penalty(n, cfg.max_new_tokens, cfg.overlong_buffer)
+        p["difficulty_bonus"] = (1 - pass_rate) * p["correct"]
+        p["reward"] = (R.total_reward(p["correctness"], p["format"], lr, cfg.w_correct, cfg.w_format, cfg.w_length)
+                       + cfg.w_overlong * p["overlong"] + cfg.w_difficulty * p["difficulty_bonus"])
     return parts
 
 
-def rollout(model, tok, entries: list[dict], score_fn, cfg: Config, generator) -> list[dict]:
+def rollout(model, tok, entries: list[dict], score_fn, cfg: Config, generator, pass_rates=None) -> list[dict]:
     """Sample G completions for each entry, score them and return buffer entries (unpadded token lists)."""
     prompts = [encode_prompt(tok, e["question"]) for e in entries]
     check_context(model, prompts, cfg.max_new_tokens)
@@ -537,12 +537,61 @@ def rollout(model, tok, entries: list[dict], score_fn, cfg: Config, generator) -
     for b, entry in enumerate(entries):
         rows = range(b * cfg.G, (b + 1) * cfg.G)
         texts = [tok.decode(completions[i], skip_special_tokens=True) for i in rows]
-        parts = score_group(texts, [len(completions[i]) for i in rows], entry, score_fn, cfg)
+        parts = score_group(texts, [len(completions[i]) for i in rows], entry, score_fn, cfg,
+                            pass_rates[b] if pass_rates else None)
         adv = group_advantages(torch.tensor([[p["reward"] for p in parts]]), cfg.scale_rewards == "group")[0]
         for g, i in enumerate(rows):
             samples.append(dict(parts[g], prompt=prompts[b], completion=completions[i], truncated=truncated[i],
                                 advantage=adv[g].item(), question=entry["question"], text=texts[g]))
     return samples
+
+
+def fill_buffer(model, tok, task, held_out: set, data_index: int, pool, cfg: Config, generator, desc: str):
+    """Rollouts until the buffer holds buffer_size samples (over all processes). Questions come in order from the
+    task, or from the curriculum pool. With dynamic sampling, groups that are all right or all wrong carry no
+    gradient and are dropped, and more rollouts are made, up to dynamic_sampling_bound times the usual number.
+    Returns (buffer, every sample drawn, the next data index, stats)."""
+    rank, world = rank_world()
+    per_rollout = cfg.exploration_batchsize * cfg.G
+    bound = math.ceil(cfg.buffer_size / per_rollout) * (cfg.dynamic_sampling_bound if cfg.dynamic_sampling else 1)
+    buffer, sampled, rollouts, dropped, skipped = [], [], 0, 0, 0
+
+    def next_entry():
+        nonlocal data_index, skipped
+        while task[data_index]["question"] in held_out:
+            data_index, skipped = data_index + 1, skipped + 1
+            if skipped > 10**5:
+                fail("every training question is also an eval question: lower --eval_size or use a larger task")
+        data_index += 1
+        return task[data_index - 1]
+
+    bar = progress(total=cfg.buffer_size, desc=desc)
+    while len(buffer) * world < cfg.buffer_size and rollouts < bound:
+        if pool:
+            pool.fill(next_entry)
+            picks = pool.draw(cfg.exploration_batchsize, random)
+            entries, rates = [pool.active[i]["entry"] for i in picks], [pool.pass_rate(i) for i in picks]
+        else:
+            entries, rates = [next_entry() for _ in range(cfg.exploration_batchsize)], None
+        new = rollout(model, tok, entries[rank::world], task.score_answer, cfg, generator, rates)
+        rollouts += 1
+        sampled += new
+        for k in range(0, len(new), cfg.G):
+            correct = [s["correct"] for s in new[k:k + cfg.G]]
+            if pool:
+                pool.record(picks[k // cfg.G], sum(correct) / cfg.G)
+            if cfg.dynamic_sampling and len(set(correct)) == 1:
+                dropped += 1
+            else:
+                buffer += new[k:k + cfg.G]
+        bar.n = min(len(buffer) * world, cfg.buffer_size)
+        bar.refresh()
+    bar.close()
+    if pool:
+        pool.retire_solved()
+    stats = {"rollouts": rollouts, "buffer_samples": len(buffer) * world,
+             "dropped_group_rate": dropped / (len(sampled) // cfg.G), **(pool.stats() if pool else {})}
+    return buffer, sampled, data_index, stats
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -672,7 +721,7 @@ def evaluate(model, tok, entries: list[dict], score_fn, max_new_tokens: int, bat
         for e, c, tr in zip(chunk, completions, truncated):
             text = tok.decode(c, skip_special_tokens=True)
             rows.append(dict(R.score_completion(text, e, score_fn), question=e["question"], reference=e["answer"],
-                             text=text, length=len(c), truncated=tr))
+                             text=text, length=len(c), truncated=tr, source=T.source(e)))
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, rows)
@@ -685,22 +734,26 @@ def evaluate(model, tok, entries: list[dict], score_fn, max_new_tokens: int, bat
                "eval_len_mean": sum(r["length"] for r in rows) / n,
                "eval_truncated_rate": sum(r["truncated"] for r in rows) / n,
                "eval_majority_rate": majority}
+    sources = sorted({r["source"] for r in rows})
+    for src in sources if len(sources) > 1 else []:  # a mix of tasks: accuracy on each
+        mine = [r for r in rows if r["source"] == src]
+        metrics[f"eval_accuracy/{src}"] = sum(r["correct"] for r in mine) / len(mine)
     return metrics, rows
 
 
 def buffer_stats(buffer: list[dict]) -> dict:
     """Reward and completion statistics of the step's samples, over all processes."""
-    rows = [(s["reward"], s["correct"], s["format"], s["truncated"], s["length_reward"], s["advantage"] == 0,
-             len(s["completion"])) for s in buffer]
+    keys = ("reward", "correct", "format", "truncated", "length_reward", "overlong", "difficulty_bonus")
+    rows = [[float(s[k]) for k in keys] + [s["advantage"] == 0, len(s["completion"])] for s in buffer]
     if dist.is_initialized():
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, rows)
         rows = [r for part in gathered for r in part]
-    t = torch.tensor(rows, dtype=torch.float64)  # (n, 7)
+    t = torch.tensor(rows, dtype=torch.float64)  # (n, 9)
     m = t.mean(0).tolist()
     return {"reward_mean": m[0], "reward_std": t[:, 0].std().item(), "correct_rate": m[1], "format_rate": m[2],
-            "truncated_rate": m[3], "length_reward_mean": m[4], "zero_adv_rate": m[5], "completion_len_mean": m[6],
-            "n_samples": len(rows), "n_tokens": int(t[:, 6].sum())}
+            "truncated_rate": m[3], "length_reward_mean": m[4], "overlong_mean": m[5], "difficulty_bonus_mean": m[6],
+            "zero_adv_rate": m[7], "completion_len_mean": m[8], "n_samples": len(rows), "n_tokens": int(t[:, 8].sum())}
 
 
 def eval_line(m: dict) -> str:
@@ -711,9 +764,9 @@ def eval_line(m: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: written to a temporary file and renamed, so a crash never leaves a broken ckpt.pt
 
-def save_checkpoint(path: str, model, optimizer, cfg: Config, step: int, data_index: int, generator) -> None:
+def save_checkpoint(path: str, model, optimizer, cfg, step: int, data_index: int, generator, pool=None) -> None:
     ckpt = {"step": step, "config": dataclasses.asdict(cfg), "model": trainable_state_dict(model),
-            "optimizer": optimizer.state_dict(), "data_index": data_index,
+            "optimizer": optimizer.state_dict(), "data_index": data_index, "pool": pool and pool.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "generator": generator.get_state()}}
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -792,10 +845,11 @@ def main(cfg: Config):
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)  # each process samples differently
 
-    train_set = make_task(cfg.task, 10**8, cfg.seed)
-    eval_set = make_task(cfg.task, cfg.eval_size, EVAL_SEED)
-    eval_entries = list(eval_set)
+    train_set = load_task(cfg.task, 10**8, cfg.seed)
+    eval_set = load_task(cfg.eval_task or cfg.task, cfg.eval_size, EVAL_SEED)
+    eval_entries = T.eval_entries(eval_set, cfg.eval_size)
     held_out = {e["question"] for e in eval_entries}  # never train on an eval question
+    pool = T.Pool(cfg.pool_size, cfg.retire_after) if cfg.pool_size else None
     model, tok = load_model(cfg.model, device, dtype)
     check_context(model, [encode_prompt(tok, e["question"]) for e in eval_entries], cfg.max_new_tokens)
     apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
@@ -809,6 +863,8 @@ def main(cfg: Config):
     if cfg.resume:
         optimizer.load_state_dict(ckpt["optimizer"])
         step, data_index = ckpt["step"], ckpt["data_index"]
+        if pool:
+            pool.load_state_dict(ckpt["pool"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
         if master:  # the checkpoint holds the first process's sampling state; the others start afresh
@@ -861,26 +917,15 @@ def main(cfg: Config):
     while step < cfg.max_steps:
         t0 = time.time()
         # 1. rollout until the buffer is full
-        buffer = []
-        bar = progress(total=cfg.buffer_size, desc=f"rollout {step + 1}")
-        while len(buffer) * world < cfg.buffer_size:
-            entries = []
-            while len(entries) < cfg.exploration_batchsize:
-                e = train_set[data_index]
-                data_index += 1
-                if e["question"] not in held_out:
-                    entries.append(e)
-            new = rollout(model, tok, entries[rank::world], train_set.score_answer, cfg, generator)
-            buffer += new
-            bar.update(len(new) * world)
-        bar.close()
+        buffer, sampled, data_index, fill_stats = fill_buffer(model, tok, train_set, held_out, data_index, pool, cfg,
+                                                              generator, f"rollout {step + 1}")
         t_sample = time.time() - t0
         # 2. update
         stats = update(model, optimizer, buffer, cfg, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                        generator, device)
         step += 1
         step_s = time.time() - t0
-        row = {"step": step, **buffer_stats(buffer), **stats, "step_s": step_s, "sample_s": t_sample}
+        row = {"step": step, **buffer_stats(sampled), **fill_stats, **stats, "step_s": step_s, "sample_s": t_sample}
         row.update(tokens_per_s=row["n_tokens"] / step_s, sample_tokens_per_s=row["n_tokens"] / t_sample)
         tqdm.write(f"step {step}/{cfg.max_steps} | reward {row['reward_mean']:.2f}±{row['reward_std']:.2f} | "
                    f"correct {row['correct_rate']:.2f} | format {row['format_rate']:.2f} | "
@@ -893,12 +938,13 @@ def main(cfg: Config):
         stopping = bool(all_sum(torch.tensor(len(stop))))
         if master:
             with open(samples_path, "a") as f:
-                for s in buffer[:cfg.G]:  # one question's group: its completions side by side
-                    keep = ("question", "text", "reward", "correctness", "format", "length_reward", "advantage", "truncated")
+                for s in sampled[:cfg.G]:  # one question's group: its completions side by side
+                    keep = ("question", "text", "reward", "correctness", "format", "length_reward", "overlong",
+                            "difficulty_bonus", "advantage", "truncated")
                     f.write(json.dumps({"step": step, "split": "train", **{k: s[k] for k in keep}}) + "\n")
             write_plot(cfg.out_dir, log)
             if step % cfg.save_interval == 0 or step == cfg.max_steps or stopping:
-                save_checkpoint(ckpt_path, model, optimizer, cfg, step, data_index, generator)
+                save_checkpoint(ckpt_path, model, optimizer, cfg, step, data_index, generator, pool)
         if stopping:
             break
 

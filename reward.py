@@ -127,3 +127,11 @@ def score_completion(text: str, entry: dict, score_answer: ScoreFn) -> dict:
         "format": format_reward(text),
         "correct": correctness >= 1.0,
     }
+
+
+def overlong_penalty(length: int, max_len: int, buffer: int) -> float:
+    """DAPO's soft overlong punishment: 0 up to max_len - buffer tokens, then a linear ramp down to -1 at
+    max_len, so that a completion cut off at the limit is penalised smoothly rather than all at once."""
+    if buffer <= 0:
+        return -1.0 if length >= max_len else 0.0
+    return min(0.0, max(-1.0, (max_len - buffer - length) / buffer))

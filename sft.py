@@ -244,9 +244,9 @@ def main(cfg: SFTConfig):
         fail("--teacher needs --teacher_model (the model name the endpoint serves)")
     if cfg.source not in ("metadata", "self"):
         fail(f"--source {cfg.source}: choose metadata or self")
-    train_set = grpo.make_task(cfg.task, 10**8, cfg.seed)
-    eval_set = grpo.make_task(cfg.task, cfg.eval_size, grpo.EVAL_SEED)
-    eval_entries = list(eval_set)
+    train_set = grpo.load_task(cfg.task, 10**8, cfg.seed)
+    eval_set = grpo.load_task(cfg.task, cfg.eval_size, grpo.EVAL_SEED)
+    eval_entries = grpo.T.eval_entries(eval_set, cfg.eval_size)
     held_out = {e["question"] for e in eval_entries}
     model, tok = grpo.load_model(cfg.model, device, dtype)
     os.makedirs(cfg.out_dir, exist_ok=True)

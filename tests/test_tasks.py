@@ -1,0 +1,142 @@
+"""Specification of tasks.py and the sampling methods: curriculum, dynamic sampling, mixes, JSONL data."""
+import dataclasses
+import json
+import random
+
+import pytest
+
+import grpo
+import reward as R
+import tasks as T
+from test_cli import read_log, small_config
+
+
+class ListTask(list):
+    score_answer = None  # the fake rollouts below score nothing
+
+
+def entry(i):
+    return {"question": f"q{i}", "answer": "Yes", "metadata": {"source_dataset": "toy"}}
+
+
+def test_curriculum_favours_questions_that_are_sometimes_solved():
+    pool = T.Pool(size=3)
+    counter = iter(range(100))
+    pool.fill(lambda: entry(next(counter)))
+    for rate in (1.0, 1.0, 0.0):
+        pool.record(0, 1.0)  # always solved
+        pool.record(1, 0.5)  # sometimes
+        pool.record(2, 0.0)  # never
+    assert pool.weight(pool.active[1]) > pool.weight(pool.active[0]) == pool.weight(pool.active[2]) > 0
+    draws = [pool.draw(1, random.Random(s))[0] for s in range(300)]
+    assert draws.count(1) > draws.count(0) + draws.count(2)
+    assert sorted(pool.draw(3, random.Random(0))) == [0, 1, 2]  # distinct questions
+
+
+def test_curriculum_retires_questions_solved_on_their_last_visits_and_refills():
+    pool = T.Pool(size=3, retire_after=2)
+    counter = iter(range(100))
+    pool.fill(lambda: entry(next(counter)))
+    pool.record(0, 1.0)
+    pool.record(0, 1.0)  # solved twice in a row: retired
+    pool.record(1, 1.0)
+    pool.record(1, 0.5)  # not every sample solved it last time: stays
+    pool.record(2, 1.0)  # one visit only: stays
+    pool.retire_solved()
+    assert [q["entry"]["question"] for q in pool.active] == ["q1", "q2"] and pool.retired == 1
+    pool.fill(lambda: entry(next(counter)))
+    assert [q["entry"]["question"] for q in pool.active] == ["q1", "q2", "q3"]
+    state = pool.state_dict()
+    other = T.Pool(size=3)
+    other.load_state_dict(json.loads(json.dumps(state)))
+    assert other.stats() == pool.stats()
+
+
+def fake_rollout(pattern):
+    """A rollout whose groups' correctness follows `pattern` (a list of per-group lists), cycling."""
+    groups = iter(pattern * 100)
+
+    def rollout(model, tok, entries, score_fn, cfg, generator, pass_rates=None):
+        out = []
+        for e in entries:
+            for ok in next(groups):
+                out.append({"question": e["question"], "correct": ok, "reward": float(ok), "advantage": 0.0,
+                            "completion": [1, 2], "prompt": [0]})
+        return out
+    return rollout
+
+
+def test_dynamic_sampling_keeps_no_zero_variance_group(monkeypatch):
+    monkeypatch.setattr(grpo, "rollout", fake_rollout([[1, 1], [0, 1], [0, 0], [1, 0]]))
+    cfg = dataclasses.replace(grpo.Config(), exploration_batchsize=2, G=2, buffer_size=8, dynamic_sampling=True)
+    task = ListTask(entry(i) for i in range(1000))
+    buffer, sampled, index, stats = grpo.fill_buffer(None, None, task, set(), 0, None, cfg, None, "test")
+    groups = [buffer[i:i + 2] for i in range(0, len(buffer), 2)]
+    assert len(buffer) == 8 and all(len({s["correct"] for s in g}) == 2 for g in groups)
+    assert stats["dropped_group_rate"] == 0.5 and len(sampled) == 16 and stats["rollouts"] == 4
+
+
+def test_dynamic_sampling_stops_at_its_bound(monkeypatch):
+    monkeypatch.setattr(grpo, "rollout", fake_rollout([[1, 1]]))  # every group is all right: nothing to keep
+    cfg = dataclasses.replace(grpo.Config(), exploration_batchsize=2, G=2, buffer_size=8, dynamic_sampling=True,
+                              dynamic_sampling_bound=3.0)
+    buffer, sampled, _, stats = grpo.fill_buffer(None, None, ListTask(entry(i) for i in range(1000)), set(), 0, None, cfg,
+                                                 None, "test")
+    assert buffer == [] and stats["rollouts"] == 2 * 3 and stats["dropped_group_rate"] == 1.0
+
+
+def test_training_questions_skip_the_eval_questions(monkeypatch):
+    monkeypatch.setattr(grpo, "rollout", fake_rollout([[1, 0]]))
+    cfg = dataclasses.replace(grpo.Config(), exploration_batchsize=2, G=2, buffer_size=4)
+    task = ListTask(entry(i) for i in range(10))
+    buffer, _, index, _ = grpo.fill_buffer(None, None, task, {"q0", "q2"}, 0, None, cfg, None, "test")
+    assert [s["question"] for s in buffer[::2]] == ["q1", "q3"] and index == 4
+
+
+@pytest.mark.parametrize("length, penalty", [(10, 0.0), (250, 0.0), (275, -0.5), (300, -1.0)])
+def test_overlong_penalty_ramps_down_in_the_last_tokens(length, penalty):
+    assert R.overlong_penalty(length, 300, 50) == pytest.approx(penalty)
+
+
+def test_a_mix_of_tasks_scores_each_answer_with_its_own_verifier():
+    mix = grpo.load_task("syllogism@1,basic_arithmetic@1", 200, 0)
+    sources = {T.source(e) for e in mix}
+    assert sources == {"syllogism", "basic_arithmetic"}
+    arithmetic = next(e for e in mix if T.source(e) == "basic_arithmetic")
+    syllogism = next(e for e in mix if T.source(e) == "syllogism")
+    assert mix.score_answer(arithmetic["answer"], arithmetic) == 1.0
+    assert mix.score_answer(syllogism["answer"], syllogism) == 1.0
+    assert mix.score_answer(syllogism["answer"], arithmetic) == 0.0
+
+
+def test_jsonl_task_reads_gsm8k_answers_and_compares_numbers(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"question": "2+2?", "answer": "Two plus two.\n#### 4"}) + "\n"
+                    + json.dumps({"question": "Capital of France?", "answer": "Paris"}) + "\n")
+    task = grpo.load_task(str(path), 10**8, 0)
+    by_q = {e["question"]: e for e in task}
+    four, paris = by_q["2+2?"], by_q["Capital of France?"]
+    assert four["answer"] == "4" and T.source(four) == "mine.jsonl"
+    assert [task.score_answer(a, four) for a in ("4", "4.0", "1,0", "four")] == [1.0, 1.0, 0.0, 0.0]
+    assert [task.score_answer(a, paris) for a in ("paris", " Paris ", "Lyon", None)] == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_a_bad_jsonl_line_gives_its_line_number(tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "a", "answer": "1"}\n{"question": "b"}\n')
+    with pytest.raises(SystemExit) as e:
+        grpo.load_task(str(path), 10, 0)
+    assert e.value.code == 2 and "bad.jsonl:2:" in capsys.readouterr().err
+
+
+def test_a_short_run_with_every_method_on_logs_its_metrics(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    grpo.main(small_config(tiny_model_dir, out, max_steps=2, task="syllogism:invalid_ratio=0.5@2,basic_arithmetic",
+                           eval_task="leg_counting,syllogism", dynamic_sampling=True, dynamic_sampling_bound=2.0,
+                           pool_size=6, w_length=0.1, w_overlong=0.5, overlong_buffer=4, w_difficulty=0.2))
+    log = read_log(out)
+    for key in ("dropped_group_rate", "rollouts", "pool_active", "pool_retired", "pool_pass_rate", "overlong_mean",
+                "length_reward_mean", "difficulty_bonus_mean", "eval_accuracy/leg_counting",
+                "eval_accuracy/syllogism"):
+        assert key in log[-1], key
+    assert "eval_accuracy/syllogism" in log[0]
