@@ -1,0 +1,96 @@
+"""
+sample.py: answer questions with a trained checkpoint, and export it.
+
+    python sample.py --ckpt out/ckpt.pt                       # 5 held-out questions, with their reward parts
+    python sample.py --ckpt out/ckpt.pt --prompt "Is 91 prime? Answer Yes or No."
+    python sample.py --ckpt out/ckpt.pt --export merged/      # a plain Hugging Face model + a PEFT adapter
+
+--export DIR writes the model with the LoRA adapter merged into its weights (transformers'
+AutoModelForCausalLM.from_pretrained(DIR) loads it, no code of ours needed) and, in DIR/adapter, the adapter
+alone in the layout PEFT reads (adapter_config.json + adapter_model.safetensors).
+"""
+import argparse
+import dataclasses
+import json
+import os
+
+import torch
+
+import grpo
+import reward as R
+
+
+def merge_lora(model) -> None:
+    """Replace every LoRA layer by a plain nn.Linear holding W + (alpha / r) B A."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, grpo.LoRALinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.merged())
+
+
+def export_peft_adapter(model, cfg, base_name: str, out: str) -> None:
+    """The adapter in PEFT's layout: keys base_model.model.<module>.lora_A.weight, and its config."""
+    from safetensors.torch import save_file
+    os.makedirs(out, exist_ok=True)
+    tensors = {f"base_model.model.{k}.weight": v.contiguous() for k, v in grpo.trainable_state_dict(model).items()}
+    save_file(tensors, os.path.join(out, "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name, "r": cfg.lora_r,
+              "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+              "target_modules": cfg.lora_targets.split(","), "inference_mode": True}
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def load(ckpt_path: str, device: str = "auto", dtype: str = "auto"):
+    """The model of a grpo.py or sft.py checkpoint, with its trained weights; and the run's config."""
+    if not os.path.exists(ckpt_path):
+        grpo.fail(f"checkpoint {ckpt_path} does not exist")
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)["config"]
+    cfg = dataclasses.replace(grpo.Config(), **{k: v for k, v in saved.items() if k in grpo.Config.__dataclass_fields__})
+    device, torch_dtype = grpo.resolve_device(device, dtype)
+    model, tok = grpo.load_model(cfg.model, device, torch_dtype)
+    grpo.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
+    grpo.load_weights(model, grpo.read_checkpoint(ckpt_path, cfg))
+    return model.eval(), tok, cfg
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
+    ap.add_argument("--ckpt", required=True, help="a ckpt.pt written by grpo.py or sft.py")
+    ap.add_argument("--prompt", default="", help="a question of your own (else held-out questions of --task)")
+    ap.add_argument("--task", default="", help="task of the held-out questions (default: the checkpoint's)")
+    ap.add_argument("--n", type=int, default=5, help="how many held-out questions")
+    ap.add_argument("--max_new_tokens", type=int, default=300)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--export", default="", help="write the merged model (and DIR/adapter) here")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    model, tok, cfg = load(args.ckpt, args.device)
+    if args.export:
+        export_peft_adapter(model, cfg, cfg.model, os.path.join(args.export, "adapter"))
+        merge_lora(model)
+        model.save_pretrained(args.export)
+        tok.save_pretrained(args.export)
+        print(f"merged model in {args.export}, adapter in {os.path.join(args.export, 'adapter')}")
+        return
+    if args.prompt:
+        entries, score = [{"question": args.prompt, "answer": None}], None
+    else:
+        task = grpo.load_task(args.task or cfg.task, args.n, grpo.EVAL_SEED)
+        entries, score = grpo.T.eval_entries(task, args.n), task.score_answer
+    prompts = [grpo.encode_prompt(tok, e["question"]) for e in entries]
+    completions, _ = grpo.generate(model, prompts, 1, args.max_new_tokens, args.temperature, 1.0, tok.eos_token_id,
+                                   torch.Generator(device=next(model.parameters()).device).manual_seed(0))
+    for e, c in zip(entries, completions):
+        text = tok.decode(c, skip_special_tokens=True)
+        print("=" * 100 + f"\n{e['question']}\n" + "-" * 100 + f"\n{text}\n" + "-" * 100)
+        if score:
+            s = R.score_completion(text, e, score)
+            print(f"reference {e['answer']!r} | answer {s['answer']!r} | correctness {s['correctness']:.2f} | "
+                  f"format {s['format']:.0f} | {len(c)} tokens")
+        else:
+            print(f"answer {R.extract_answer(text)!r} | format {R.format_reward(text):.0f} | {len(c)} tokens")
+
+
+if __name__ == "__main__":
+    main()
