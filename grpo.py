@@ -633,10 +633,13 @@ def shuffled_minibatches(buffer: list[dict], batch_size: int, generator) -> list
 @torch.no_grad()
 def attach_old_logprobs(model, minibatches: list[list[dict]], cfg: Config, pad_id: int, device) -> None:
     """Store each sample's old (and, with beta, reference) log-probs: the very minibatches and forward code
-    that training will use, before any update, so the first minibatch's ratio is exactly 1."""
-    for mb in minibatches:
+    that training will use, before any update, so the first minibatch's ratio is exactly 1. The minibatches
+    of the first optimizer step need no extra pass: until that step, the training forward pass *is* the old
+    policy's, and accumulate_gradients takes its detached log-probs (old_logp None)."""
+    for i, mb in enumerate(minibatches):
         batch, lens = collate(mb, pad_id, device), [len(s["completion"]) for s in mb]
-        old = completion_logprobs(model, batch, cfg.temperature).split(lens)
+        before_first_step = i < cfg.gradient_accumulation_steps
+        old = [None] * len(mb) if before_first_step else completion_logprobs(model, batch, cfg.temperature).split(lens)
         ref = [None] * len(mb)
         if cfg.beta:
             with lora_disabled(model):
@@ -654,9 +657,13 @@ def accumulate_gradients(model, group: list[list[dict]], cfg: Config, pad_id: in
         lens = torch.tensor([len(s["completion"]) for s in mb])
         logp = completion_logprobs(model, collate(mb, pad_id, device), cfg.temperature)  # (T,)
         cat = lambda key: torch.cat([s[key] for s in mb]).to(device)
+        if mb[0]["old_logp"] is None:  # the first optimizer step: the policy has not moved yet (kept for later epochs)
+            for s, old in zip(mb, logp.detach().split(lens.tolist())):
+                s["old_logp"] = old
+        old_logp = cat("old_logp")
         adv = torch.tensor([s["advantage"] for s in mb]).repeat_interleave(lens).to(device, logp.dtype)  # (T,)
         weight = torch.cat([next(weights) for _ in mb]).to(device, logp.dtype)  # (T,)
-        loss, clipped = ppo_loss(logp, cat("old_logp"), cat("ref_logp") if cfg.beta else None, adv, weight,
+        loss, clipped = ppo_loss(logp, old_logp, cat("ref_logp") if cfg.beta else None, adv, weight,
                                  cfg.eps_low, cfg.eps_high, cfg.beta)
         loss.backward()
         total += loss.item()

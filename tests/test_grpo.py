@@ -116,13 +116,27 @@ def cfg_for(**kw):
 def test_first_epoch_ratio_is_exactly_one():
     model = tiny_model("llama", dtype=torch.float32)
     grpo.apply_lora(model, 4, 8.0, "q_proj,v_proj")
-    cfg = cfg_for(batch_size=4)
+    cfg = cfg_for(batch_size=4, gradient_accumulation_steps=1)
     minibatches = grpo.shuffled_minibatches(make_buffer(model), cfg.batch_size, torch.Generator().manual_seed(0))
     grpo.attach_old_logprobs(model, minibatches, cfg, EOS, "cpu")
-    mb = minibatches[0]
-    logp = grpo.completion_logprobs(model, grpo.collate(mb, EOS, "cpu"), cfg.temperature)  # with grad
-    assert logp.requires_grad
-    assert torch.equal(torch.exp(logp - torch.cat([s["old_logp"] for s in mb])), torch.ones_like(logp))
+    assert all(s["old_logp"] is None for s in minibatches[0])  # the first step reuses its own forward pass
+    for mb in minibatches[1:]:  # the others were computed ahead, by the same code on the same minibatches
+        logp = grpo.completion_logprobs(model, grpo.collate(mb, EOS, "cpu"), cfg.temperature)  # with grad
+        assert logp.requires_grad
+        assert torch.equal(torch.exp(logp - torch.cat([s["old_logp"] for s in mb])), torch.ones_like(logp))
+
+
+def test_old_logprobs_of_the_first_step_are_kept_for_later_epochs():
+    model = tiny_model("llama", dtype=torch.float32)
+    grpo.apply_lora(model, 4, 8.0, "q_proj,v_proj")
+    cfg = cfg_for(batch_size=4, gradient_accumulation_steps=1)
+    buffer = make_buffer(model)
+    minibatches = grpo.shuffled_minibatches(buffer, cfg.batch_size, torch.Generator().manual_seed(0))
+    grpo.attach_old_logprobs(model, minibatches, cfg, EOS, "cpu")
+    with torch.no_grad():
+        expected = grpo.completion_logprobs(model, grpo.collate(minibatches[0], EOS, "cpu"), cfg.temperature)
+    grpo.accumulate_gradients(model, minibatches[:1], cfg, EOS, "cpu")
+    assert torch.equal(torch.cat([s["old_logp"] for s in minibatches[0]]), expected)
 
 
 def naive_loss(model, samples, cfg):
@@ -152,7 +166,10 @@ def test_grad_accumulation_matches_big_batch_and_the_naive_loss(loss_agg):
             p.data.normal_(0, 0.05)
     buffer = make_buffer(model)
     cfg = cfg_for(loss_agg=loss_agg)
-    grpo.attach_old_logprobs(model, [buffer], cfg, EOS, "cpu")
+    with torch.no_grad():  # the old policy
+        old = grpo.completion_logprobs(model, grpo.collate(buffer, EOS, "cpu"), cfg.temperature)
+    for s, o in zip(buffer, old.split([len(s["completion"]) for s in buffer])):
+        s["old_logp"], s["ref_logp"] = o, None
     with torch.no_grad():  # move the policy so that ratios differ from 1 and some get clipped
         for p in model.parameters():
             if p.requires_grad:
