@@ -107,7 +107,7 @@ class Config:
     eps_high: float = opt(0.2, "PPO clip: ratio kept below 1 + eps_high (DAPO raises it)")
     loss_agg: str = opt("seq", "seq (DeepSeek), token (DAPO) or dr_grpo: how token losses are averaged")
     beta: float = opt(0.0, "KL penalty weight against the base model (LoRA off); 0 = no KL")
-    grad_checkpoint: bool = opt(False, "recompute each layer in backward: training memory of ~1 layer, ~30% more compute")
+    grad_checkpoint: bool = opt(False, "recompute each layer in backward: training memory of ~1 layer, ~30 percent more compute")
     # LoRA
     lora_r: int = opt(32, "LoRA rank; 0 trains the full model")
     lora_alpha: float = opt(64.0, "LoRA scale numerator: the update is (alpha / r) * B @ A")
@@ -127,10 +127,11 @@ def parse_config(cls=Config, argv=None, doc=__doc__):
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
         if f.type is bool or f.type == "bool":
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                           help=f.metadata["help"].replace("%", "%%"))
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(f"--{f.name}", type=typ, default=f.default, help=f.metadata["help"])
+            p.add_argument(f"--{f.name}", type=typ, default=f.default, help=f.metadata["help"].replace("%", "%%"))
     return cls(**vars(p.parse_args(argv)))
 
 
