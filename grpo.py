@@ -509,8 +509,10 @@ def encode_prompt(tok, question: str) -> list[int]:
 
 
 def group_advantages(rewards: torch.Tensor, scale: bool, eps: float = 1e-4) -> torch.Tensor:
-    """rewards (B, G) -> advantages (B, G): each completion against its own group. Equal rewards give 0."""
-    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    """rewards (B, G) -> advantages (B, G): each completion against its own group. Equal rewards give exactly 0
+    (the float mean of six 0.15s is off by one ulp, which the division by std + eps would blow up to 1e-4)."""
+    equal = rewards.max(dim=1, keepdim=True).values == rewards.min(dim=1, keepdim=True).values
+    centered = (rewards - rewards.mean(dim=1, keepdim=True)).masked_fill(equal, 0.0)
     return centered / (rewards.std(dim=1, keepdim=True) + eps) if scale else centered
 
 

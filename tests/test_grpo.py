@@ -193,15 +193,16 @@ def test_grad_accumulation_matches_big_batch_and_the_naive_loss(loss_agg):
 
 
 def test_identical_rewards_give_zero_advantage():
-    rewards = torch.tensor([[0.15, 0.15, 0.15, 0.15], [1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    # six wrong but well-formed answers (0.15 each): their float mean is off by one ulp, yet A must be exactly 0
+    rewards = torch.tensor([[0.15] * 6, [1.0, 0.0, 1.0, 0.0, 1.0, 0.0], [0.0] * 6, [0.85] * 6])
     for scale in (True, False):
         adv = grpo.group_advantages(rewards, scale)
         assert not adv.isnan().any()
-        assert adv[0].eq(0).all() and adv[2].eq(0).all()
+        assert adv[0].eq(0).all() and adv[2].eq(0).all() and adv[3].eq(0).all()
         assert torch.allclose(adv[1].sum(), torch.tensor(0.0))
-    assert torch.allclose(grpo.group_advantages(rewards, False)[1], torch.tensor([0.5, -0.5, 0.5, -0.5]))
-    std = rewards[1].std()
-    assert torch.allclose(grpo.group_advantages(rewards, True)[1], torch.tensor([0.5, -0.5, 0.5, -0.5]) / (std + 1e-4))
+    half = torch.tensor([0.5, -0.5, 0.5, -0.5, 0.5, -0.5])
+    assert torch.allclose(grpo.group_advantages(rewards, False)[1], half)
+    assert torch.allclose(grpo.group_advantages(rewards, True)[1], half / (rewards[1].std() + 1e-4))
 
 
 def test_ppo_loss_clips_only_in_the_direction_of_the_advantage():
