@@ -32,7 +32,6 @@ chunks, so no (tokens x vocabulary) tensor for the whole batch ever exists.
 import argparse
 import contextlib
 import dataclasses
-import difflib
 import json
 import math
 import os
