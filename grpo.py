@@ -784,8 +784,9 @@ def save_checkpoint(path: str, model, optimizer, cfg, step: int, data_index: int
     os.replace(path + ".tmp", path)
 
 
-def read_checkpoint(path: str, cfg) -> dict:
-    """A checkpoint of grpo.py or sft.py, checked against this run's model and LoRA shape before any heavy work."""
+def read_checkpoint(path: str, cfg=None) -> dict:
+    """A checkpoint of grpo.py or sft.py, checked against this run's model and LoRA shape (cfg) before any heavy
+    work; cfg None: the checkpoint's own config is the run's (sample.py)."""
     if not os.path.exists(path):
         fail(f"checkpoint {path} does not exist")
     try:
@@ -794,7 +795,7 @@ def read_checkpoint(path: str, cfg) -> dict:
         ckpt["model"]
     except Exception as e:
         fail(f"{path} is not a checkpoint of grpo.py or sft.py ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
-    for key in ("model", "lora_r", "lora_targets"):
+    for key in ("model", "lora_r", "lora_targets") if cfg is not None else ():
         if saved.get(key) != getattr(cfg, key):
             fail(f"{path} was trained with --{key} {saved.get(key)}, this run has --{key} {getattr(cfg, key)}: "
                  f"pass the same")

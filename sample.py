@@ -43,14 +43,13 @@ def export_peft_adapter(model, cfg, base_name: str, out: str) -> None:
 
 def load(ckpt_path: str, device: str = "auto", dtype: str = "auto"):
     """The model of a grpo.py or sft.py checkpoint, with its trained weights; and the run's config."""
-    if not os.path.exists(ckpt_path):
-        grpo.fail(f"checkpoint {ckpt_path} does not exist")
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)["config"]
-    cfg = dataclasses.replace(grpo.Config(), **{k: v for k, v in saved.items() if k in grpo.Config.__dataclass_fields__})
+    ckpt = grpo.read_checkpoint(ckpt_path)  # read once; its config says which model and LoRA to build
+    cfg = dataclasses.replace(grpo.Config(), **{k: v for k, v in ckpt["config"].items()
+                                                if k in grpo.Config.__dataclass_fields__})
     device, torch_dtype = grpo.resolve_device(device, dtype)
     model, tok = grpo.load_model(cfg.model, device, torch_dtype)
     grpo.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
-    grpo.load_weights(model, grpo.read_checkpoint(ckpt_path, cfg))
+    grpo.load_weights(model, ckpt)
     return model.eval(), tok, cfg
 
 
