@@ -124,6 +124,7 @@ class Config:
 def parse_config(cls=Config, argv=None, doc=__doc__):
     """Every field of the dataclass `cls` becomes a flag --name with its default and help."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda msg: fail(f"{msg} (--help lists every flag; a negative value is written --flag=-1e-5)")
     for f in dataclasses.fields(cls):
         if f.type is bool or f.type == "bool":
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,

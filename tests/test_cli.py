@@ -24,20 +24,27 @@ def test_help_lists_every_config_field_with_its_default():
     assert "(default: 300)" in out and "(default: syllogism)" in out
 
 
+def expect_usage_error(args, tmp_path) -> str:
+    """Run grpo.py with bad input: a one-line error, exit code 2, no traceback, nothing written. Returns stderr."""
+    r = run_cli(*args, "--out_dir", str(tmp_path / "out"))
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    return r.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--task", "sylogism"], "did you mean syllogism"),
     (["--task", "syllogism:invalid_ratio"], "write key=value"),
     (["--task", "syllogism:no_such_setting=1"], "no_such_setting"),
     (["--G", "1"], "G must be at least 2"),
     (["--top_p", "1.5"], "top_p 1.5"),
-    (["--learning_rate", "-1e-5"], "learning_rate"),
+    (["--learning_rate=-1e-5"], "--learning_rate -1e-05: must be >= 0"),
+    (["--G", "six"], "argument --G: invalid int value"),
     (["--loss_agg", "mean"], "choose seq, token or dr_grpo"),
 ])
 def test_bad_input_is_a_one_line_error_with_exit_code_2(args, message, tmp_path):
-    r = run_cli(*args, "--out_dir", str(tmp_path / "out"))
-    assert r.returncode == 2
-    assert message in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "out").exists()  # nothing half-written
+    assert message in expect_usage_error(args, tmp_path)
 
 
 def test_task_settings_reach_reasoning_gym():

@@ -13,7 +13,7 @@ import torch
 
 import grpo
 from conftest import EOS, tiny_model
-from test_cli import ROOT, small_config
+from test_cli import ROOT, expect_usage_error, small_config
 
 TIMING = {"step_s", "sample_s", "tokens_per_s", "sample_tokens_per_s"}
 
@@ -90,17 +90,8 @@ def test_a_buffer_without_signal_or_with_nan_makes_no_update(advantages, reason)
         assert torch.equal(v, before[k])
 
 
-def run_cli(args, tmp_path):
-    r = subprocess.run([sys.executable, "grpo.py", *args, "--out_dir", str(tmp_path / "out")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "out").exists()  # nothing half-written
-    return r.stderr
-
-
 def test_a_model_path_that_does_not_exist(tmp_path):
-    assert "no such folder" in run_cli(["--model", "./no/such/model"], tmp_path)
+    assert "no such folder" in expect_usage_error(["--model", "./no/such/model"], tmp_path)
 
 
 def test_a_model_without_chat_template(tiny_model_dir, tmp_path):
@@ -113,24 +104,24 @@ def test_a_model_without_chat_template(tiny_model_dir, tmp_path):
     cfg = json.loads(cfg_path.read_text())
     cfg.pop("chat_template", None)
     cfg_path.write_text(json.dumps(cfg))
-    assert "no chat template" in run_cli(["--model", str(plain)], tmp_path)
+    assert "no chat template" in expect_usage_error(["--model", str(plain)], tmp_path)
 
 
 def test_a_prompt_beyond_the_context_window(tiny_model_dir, tmp_path):
-    assert "exceeds the model's context" in run_cli(["--model", tiny_model_dir, "--max_new_tokens", "100000"], tmp_path)
+    assert "exceeds the model's context" in expect_usage_error(["--model", tiny_model_dir, "--max_new_tokens", "100000"], tmp_path)
 
 
 def test_a_checkpoint_from_another_model(tiny_model_dir, tmp_path):
     first = tmp_path / "first"
     grpo.main(small_config(tiny_model_dir, first, max_steps=1))
-    err = run_cli(["--model", tiny_model_dir, "--lora_r", "8", "--init_from", str(first / "ckpt.pt")], tmp_path)
+    err = expect_usage_error(["--model", tiny_model_dir, "--lora_r", "8", "--init_from", str(first / "ckpt.pt")], tmp_path)
     assert "--lora_r 4" in err and "pass the same" in err
 
 
 def test_a_file_that_is_no_checkpoint(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint")
-    assert "is not a checkpoint" in run_cli(["--init_from", str(junk)], tmp_path)
+    assert "is not a checkpoint" in expect_usage_error(["--init_from", str(junk)], tmp_path)
 
 
 @pytest.mark.parametrize("loss_agg", ["seq", "token"])
