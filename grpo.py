@@ -190,21 +190,28 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float):
         super().__init__()
         self.base, self.scale, self.enabled = base, alpha / r, True
+        self.frozen_merge = None  # W + scale * B @ A while sampling (see lora_merged), else None
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
 
     def forward(self, x):
+        if self.frozen_merge is not None:
+            return F.linear(x, self.frozen_merge, self.base.bias)
         y = self.base(x)
         if self.enabled:
             y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
         return y
 
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        return self.base.weight + self.scale * self.lora_B @ self.lora_A
+
     def merged(self) -> nn.Linear:
         """A plain nn.Linear with the adapter folded into its weight (explicit: never done behind your back)."""
         out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
                         device=self.base.weight.device, dtype=self.base.weight.dtype)
-        out.weight.data = self.base.weight.data + self.scale * self.lora_B.data @ self.lora_A.data
+        out.weight.data = self.merged_weight()
         if self.base.bias is not None:
             out.bias.data = self.base.bias.data.clone()
         return out
@@ -230,6 +237,20 @@ def trainable_state_dict(model: nn.Module) -> dict:
     """What a checkpoint must keep: the LoRA weights, or every weight when the full model trains."""
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
+
+
+@contextlib.contextmanager
+def lora_merged(model: nn.Module):
+    """For sampling (no gradients): each LoRA layer runs one matmul with a merged copy of its weight instead of
+    three. The merged copies (0.4 GB for the 135M model in fp32) are freed on exit; the adapter is untouched."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear) and m.enabled]
+    for m in layers:
+        m.frozen_merge = m.merged_weight()
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.frozen_merge = None
 
 
 @contextlib.contextmanager
@@ -401,40 +422,42 @@ def generate(model, prompts: list[list[int]], G: int, max_new_tokens: int, tempe
     each ending with EOS unless it was cut at max_new_tokens (then truncated is True).
     stop_at_eos=False samples exactly max_new_tokens for every row (for benchmarks)."""
     device = next(model.parameters()).device
-    ids, mask = left_pad(prompts, eos_id, device)  # (B, P)
-    n_layers = model.config.get_text_config().num_hidden_layers
-    cache = Cache(layers=[PreallocatedLayer(ids.shape[1] + max_new_tokens) for _ in range(n_layers)])
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as in an unpadded prompt
-    h = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache).last_hidden_state
-    logits = model.lm_head(h[:, -1])  # (B, V): only the last position is needed
-    # share each prompt's prefill among its G samples
-    cache.batch_repeat_interleave(G)
-    logits, mask, pos = logits.repeat_interleave(G, 0), mask.repeat_interleave(G, 0), pos[:, -1:].repeat_interleave(G, 0)
-    N = logits.shape[0]
-    out = torch.full((N, max_new_tokens), eos_id, device=device)
-    lengths = torch.full((N,), max_new_tokens, device=device)
-    rows = torch.arange(N, device=device)  # the output row of each row still in the batch
-    done = torch.zeros(N, dtype=torch.bool, device=device)
-    for t in range(max_new_tokens):
-        tok = sample_next(logits, temperature, top_p, generator)
-        out[rows, t] = torch.where(done, eos_id, tok)
-        newly = (tok == eos_id) & ~done & stop_at_eos
-        lengths[rows[newly]] = t + 1
-        done |= newly
-        if bool(done.all()) or t == max_new_tokens - 1:
-            break
-        if int(done.sum()) * 4 >= len(done):  # a quarter of the batch has finished: stop computing those rows
-            keep = (~done).nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            rows, tok, mask, pos, done = rows[keep], tok[keep], mask[keep], pos[keep], done[keep]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        pos = pos + 1
-        h = model.model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
-                        past_key_values=cache).last_hidden_state
-        logits = model.lm_head(h[:, -1])
-    truncated = (lengths == max_new_tokens) & ~((out[:, -1] == eos_id) & stop_at_eos)
-    lengths, out = lengths.tolist(), out.tolist()
-    return [out[i][:lengths[i]] for i in range(N)], truncated.tolist()
+    with lora_merged(model):  # one matmul per adapted layer: the sampler computes no gradients
+        ids, mask = left_pad(prompts, eos_id, device)  # (B, P)
+        n_layers = model.config.get_text_config().num_hidden_layers
+        cache = Cache(layers=[PreallocatedLayer(ids.shape[1] + max_new_tokens) for _ in range(n_layers)])
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as in an unpadded prompt
+        h = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache).last_hidden_state
+        logits = model.lm_head(h[:, -1])  # (B, V): only the last position is needed
+        # share each prompt's prefill among its G samples
+        cache.batch_repeat_interleave(G)
+        logits, mask = logits.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
+        pos = pos[:, -1:].repeat_interleave(G, 0)
+        N = logits.shape[0]
+        out = torch.full((N, max_new_tokens), eos_id, device=device)
+        lengths = torch.full((N,), max_new_tokens, device=device)
+        rows = torch.arange(N, device=device)  # the output row of each row still in the batch
+        done = torch.zeros(N, dtype=torch.bool, device=device)
+        for t in range(max_new_tokens):
+            tok = sample_next(logits, temperature, top_p, generator)
+            out[rows, t] = torch.where(done, eos_id, tok)
+            newly = (tok == eos_id) & ~done & stop_at_eos
+            lengths[rows[newly]] = t + 1
+            done |= newly
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            if int(done.sum()) * 4 >= len(done):  # a quarter of the batch has finished: stop computing those rows
+                keep = (~done).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows, tok, mask, pos, done = rows[keep], tok[keep], mask[keep], pos[keep], done[keep]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            pos = pos + 1
+            h = model.model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
+                            past_key_values=cache).last_hidden_state
+            logits = model.lm_head(h[:, -1])
+        truncated = (lengths == max_new_tokens) & ~((out[:, -1] == eos_id) & stop_at_eos)
+        lengths, out = lengths.tolist(), out.tolist()
+        return [out[i][:lengths[i]] for i in range(N)], truncated.tolist()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -634,6 +657,13 @@ def shuffled_minibatches(buffer: list[dict], batch_size: int, generator) -> list
     return [[buffer[j] for j in order[i:i + batch_size]] for i in range(0, len(order), batch_size)]
 
 
+def has_gradient(sample: dict, beta: float) -> bool:
+    """Without the KL term a zero advantage makes every token's loss exactly 0 (ratio * 0): such samples (whole
+    groups whose rewards were equal) get no forward or backward pass. They still count in the step's divisor
+    (token_weights), so the loss and its gradient are exactly those of the full buffer."""
+    return sample["advantage"] != 0 or beta > 0
+
+
 @torch.no_grad()
 def attach_old_logprobs(model, minibatches: list[list[dict]], cfg: Config, pad_id: int, device) -> None:
     """Store each sample's old (and, with beta, reference) log-probs: the very minibatches and forward code
@@ -641,6 +671,9 @@ def attach_old_logprobs(model, minibatches: list[list[dict]], cfg: Config, pad_i
     of the first optimizer step need no extra pass: until that step, the training forward pass *is* the old
     policy's, and accumulate_gradients takes its detached log-probs (old_logp None)."""
     for i, mb in enumerate(minibatches):
+        mb = [s for s in mb if has_gradient(s, cfg.beta)]
+        if not mb:
+            continue
         batch, lens = collate(mb, pad_id, device), [len(s["completion"]) for s in mb]
         before_first_step = i < cfg.gradient_accumulation_steps
         old = [None] * len(mb) if before_first_step else completion_logprobs(model, batch, cfg.temperature).split(lens)
@@ -658,6 +691,10 @@ def accumulate_gradients(model, group: list[list[dict]], cfg: Config, pad_id: in
     weights = iter(token_weights([s for mb in group for s in mb], cfg.loss_agg, cfg.max_new_tokens))
     total, clip_fracs = 0.0, []
     for mb in group:
+        weight = [w for s, w in zip(mb, [next(weights) for _ in mb]) if has_gradient(s, cfg.beta)]
+        mb = [s for s in mb if has_gradient(s, cfg.beta)]
+        if not mb:
+            continue
         lens = torch.tensor([len(s["completion"]) for s in mb])
         logp = completion_logprobs(model, collate(mb, pad_id, device), cfg.temperature)  # (T,)
         cat = lambda key: torch.cat([s[key] for s in mb]).to(device)
@@ -666,7 +703,7 @@ def accumulate_gradients(model, group: list[list[dict]], cfg: Config, pad_id: in
                 s["old_logp"] = old
         old_logp = cat("old_logp")
         adv = torch.tensor([s["advantage"] for s in mb]).repeat_interleave(lens).to(device, logp.dtype)  # (T,)
-        weight = torch.cat([next(weights) for _ in mb]).to(device, logp.dtype)  # (T,)
+        weight = torch.cat(weight).to(device, logp.dtype)  # (T,)
         loss, clipped = ppo_loss(logp, old_logp, cat("ref_logp") if cfg.beta else None, adv, weight,
                                  cfg.eps_low, cfg.eps_high, cfg.beta)
         loss.backward()

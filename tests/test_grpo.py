@@ -42,6 +42,21 @@ def test_kv_cache_sampling_matches_full_recompute_and_generate(any_tiny_model):
     assert all(len(c) <= 24 for c in ours)
 
 
+def test_sampling_with_an_adapter_merges_it_and_matches_the_unmerged_model(tiny):
+    grpo.apply_lora(tiny, 4, 8.0, "q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj")
+    for p in tiny.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    merged_while_sampling = []
+    hook = tiny.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda m, a: merged_while_sampling.append(m.frozen_merge is not None))
+    ours, _ = grpo.generate(tiny, PROMPTS, 1, 24, 0.0, 1.0, EOS)
+    hook.remove()
+    assert all(merged_while_sampling) and merged_while_sampling
+    assert all(m.frozen_merge is None for m in tiny.modules() if isinstance(m, grpo.LoRALinear))
+    assert ours == [greedy_full_recompute(tiny, p, 24) for p in PROMPTS]  # the unmerged adapter, token for token
+
+
 def test_each_row_stops_at_eos_and_truncation_is_marked():
     model = tiny_model("llama")
     completions, truncated = grpo.generate(model, PROMPTS, 4, 12, 1.0, 1.0, EOS, torch.Generator().manual_seed(0))
@@ -159,12 +174,15 @@ def naive_loss(model, samples, cfg):
 
 @pytest.mark.parametrize("loss_agg", ["seq", "token", "dr_grpo"])
 def test_grad_accumulation_matches_big_batch_and_the_naive_loss(loss_agg):
+    """Also with a zero-advantage group, which accumulate_gradients never runs through the model."""
     model = tiny_model("llama")
     grpo.apply_lora(model, 4, 8.0, "q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj")
     for p in model.parameters():  # a non-zero adapter so that the gradient reaches every LoRA matrix
         if p.requires_grad:
             p.data.normal_(0, 0.05)
     buffer = make_buffer(model)
+    for s in buffer[4:8]:  # one question whose rewards were all equal: skipped, yet counted in the divisor
+        s["advantage"] = 0.0
     cfg = cfg_for(loss_agg=loss_agg)
     with torch.no_grad():  # the old policy
         old = grpo.completion_logprobs(model, grpo.collate(buffer, EOS, "cpu"), cfg.temperature)
@@ -181,7 +199,11 @@ def test_grad_accumulation_matches_big_batch_and_the_naive_loss(loss_agg):
         grpo.accumulate_gradients(model, group, cfg, EOS, "cpu")
         return [p.grad.clone() for p in params]
 
+    rows = []  # sequences the model actually runs
+    hook = model.model.register_forward_pre_hook(lambda m, a, kw: rows.append(len(kw["input_ids"])), with_kwargs=True)
     big = grads([buffer])
+    hook.remove()
+    assert sum(rows) == len(buffer) - 4
     micro = grads([buffer[i:i + 3] for i in range(0, len(buffer), 3)])  # 4 micro-batches, the last one shorter
     for a, b in zip(big, micro):
         assert torch.allclose(a, b, atol=1e-12)
