@@ -464,21 +464,48 @@ def generate(model, prompts: list[list[int]], G: int, max_new_tokens: int, tempe
 # Log-probs of completion tokens, through the same forward pass that training differentiates
 
 def collate(samples: list[dict], pad_id: int, device):
-    """Right-pad prompt+completion to this minibatch's longest sequence. Returns input ids and attention mask
-    (N, L), `predicts` (N, L): True where the next token is a completion token (EOS included), and the
-    completion tokens in order (T,). Padding is never inside a sequence; the mask comes from positions, never
-    from token values (pad == eos for many models, and EOS is trained on)."""
-    seqs = [s["prompt"] + s["completion"] for s in samples]
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), L, dtype=torch.long)
-    predicts = torch.zeros(len(seqs), L, dtype=torch.bool)
-    for i, (s, seq) in enumerate(zip(samples, seqs)):
-        ids[i, :len(seq)] = torch.tensor(seq)
-        mask[i, :len(seq)] = 1
-        predicts[i, len(s["prompt"]) - 1: len(seq) - 1] = True
-    targets = torch.tensor([t for s in samples for t in s["completion"]], dtype=torch.long)
-    return ids.to(device), mask.to(device), predicts.to(device), targets.to(device)
+    """A minibatch as completion_logprobs runs it: each distinct prompt once (samples of one question share it),
+    right-padded: prompt ids and mask (U, P); `which` (N,): each sample's prompt row; completion ids and mask
+    (N, C), right-padded; and the completion tokens in order (T,). Masks come from lengths, never from token
+    values (pad == eos for many models, and EOS is trained on)."""
+    prompts = list(dict.fromkeys(tuple(s["prompt"]) for s in samples))
+    row = {p: i for i, p in enumerate(prompts)}
+    which = torch.tensor([row[tuple(s["prompt"])] for s in samples])
+
+    def right_pad(seqs):
+        L = max(len(s) for s in seqs)
+        return (torch.tensor([list(s) + [pad_id] * (L - len(s)) for s in seqs]),
+                torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in seqs]))
+
+    prompt_ids, prompt_mask = right_pad(prompts)
+    ids, mask = right_pad([s["completion"] for s in samples])
+    targets = ids[mask.bool()]
+    return tuple(t.to(device) for t in (prompt_ids, prompt_mask, which, ids, mask, targets))
+
+
+class PromptLayer(DynamicLayer):
+    """One layer's keys/values of the minibatch's prompts, one row per sample. The completion pass reads it and
+    never extends it: `update` returns prompt + completion states without storing them, so a checkpointed
+    layer that is recomputed in backward reads exactly what it read the first time."""
+
+    def __init__(self, keys, values):
+        super().__init__()
+        self.keys, self.values, self.is_initialized = keys, values, True
+        self.dtype, self.device = keys.dtype, keys.device
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
+
+
+def enable_grad_checkpointing(model) -> None:
+    """--grad_checkpoint: each layer is recomputed in backward (HF does this in train mode). The completion pass
+    keeps its prompt cache through the checkpoint: PromptLayer only reads, which is what HF's flag asks."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for layer in model.model.layers:
+        if not hasattr(layer, "_can_checkpoint_with_cache"):
+            fail("--grad_checkpoint needs a newer transformers (pip install -U transformers): this one would "
+                 "drop the prompt cache of checkpointed layers")
+        layer._can_checkpoint_with_cache = True
 
 
 def upcast(x):
@@ -492,11 +519,24 @@ def _token_logprobs(h, targets, lm_head_weight, temperature):
 
 
 def completion_logprobs(model, batch, temperature: float, chunk: int = 1024):
-    """Log-prob (T,) of each completion token under the model at `temperature`. Hidden states are kept only
-    where a completion token is predicted; the vocabulary projection runs in chunks and, when training, is
-    recomputed in backward (checkpoint), so memory holds at most one (chunk x V) block of logits."""
-    ids, mask, predicts, targets = batch
-    h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[predicts]  # (T, d)
+    """Log-prob (T,) of each completion token under the model at `temperature`. Each distinct prompt runs once
+    (its G samples read its keys and values; the gradient flows back through them), then every completion runs
+    on top of its prompt. Hidden states are kept only where a completion token is predicted; the vocabulary
+    projection runs in chunks and, when training, is recomputed in backward (checkpoint), so memory holds at
+    most one (chunk x V) block of logits."""
+    prompt_ids, prompt_mask, which, ids, mask, targets = batch
+    cache = Cache(layers=[DynamicLayer() for _ in range(model.config.get_text_config().num_hidden_layers)])
+    was_training = model.training
+    model.eval()  # not checkpointed (HF would drop the cache it fills): prompts are a small part of the activations
+    h_prompt = model.model(input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache).last_hidden_state
+    model.train(was_training)
+    cache = Cache(layers=[PromptLayer(layer.keys[which], layer.values[which]) for layer in cache.layers])
+    prompt_len = prompt_mask.sum(1)[which]  # (N,)
+    h = model.model(input_ids=ids, attention_mask=torch.cat([prompt_mask[which], mask], 1), past_key_values=cache,
+                    position_ids=prompt_len[:, None] + torch.arange(ids.shape[1], device=ids.device)).last_hidden_state
+    # completion token t is predicted at completion position t - 1; token 0 at the prompt's last position
+    first = h_prompt[which, prompt_len - 1]  # (N, d)
+    h = torch.cat([first[:, None], h[:, :-1]], 1)[mask.bool()]  # (T, d)
     w = model.lm_head.weight
     parts = []
     for i in range(0, h.shape[0], chunk):
@@ -653,8 +693,14 @@ def ppo_loss(logp, old_logp, ref_logp, adv, weight, eps_low, eps_high, beta):
 
 
 def shuffled_minibatches(buffer: list[dict], batch_size: int, generator) -> list[list[dict]]:
-    order = torch.randperm(len(buffer), generator=generator).tolist()
-    return [[buffer[j] for j in order[i:i + batch_size]] for i in range(0, len(order), batch_size)]
+    """The questions in random order, each one's samples kept together (so that a minibatch runs each prompt
+    once: see completion_logprobs), cut into minibatches of batch_size samples."""
+    groups = {}
+    for s in buffer:
+        groups.setdefault(tuple(s["prompt"]), []).append(s)
+    groups = list(groups.values())
+    order = [s for j in torch.randperm(len(groups), generator=generator).tolist() for s in groups[j]]
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def has_gradient(sample: dict, beta: float) -> bool:
@@ -905,7 +951,7 @@ def main(cfg: Config):
     check_context(model, [encode_prompt(tok, e["question"]) for e in eval_entries], cfg.max_new_tokens)
     apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
     if cfg.grad_checkpoint:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_grad_checkpointing(model)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"trainable: {n_train / 1e6:.2f}M params ({'LoRA r=%d' % cfg.lora_r if cfg.lora_r else 'full model'})")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,

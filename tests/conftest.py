@@ -1,4 +1,6 @@
 """Shared fixtures: tiny random models built from a config (no download), and the bundled real model."""
+import types
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
@@ -19,7 +21,14 @@ def tiny_model(arch: str = "llama", dtype=torch.float64, seed: int = 0):
         model = Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16))
     with torch.no_grad():  # a louder EOS logit, so that some rows stop early and others run to the limit
         model.lm_head.weight[EOS] *= 3
+    for m in model.modules():  # HF's RMSNorm computes in float32 even in a float64 model: make it float64 too, so
+        if type(m).__name__.endswith("RMSNorm"):  # that gradients summed in another order still agree to ~1e-13
+            m.forward = types.MethodType(exact_rms_norm, m)
     return model.to(dtype).eval()
+
+
+def exact_rms_norm(self, x):
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
 
 @pytest.fixture(params=["llama", "qwen3"])
@@ -69,3 +78,20 @@ def tiny_model_dir(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def padded_sequences(samples: list[dict], pad_id: int = EOS):
+    """The plain layout, for reference computations: prompt + completion of each sample right-padded into one
+    row. Returns ids, mask (N, L), `predicts` (N, L): True where the next token is a completion token, and the
+    completion tokens in order (T,)."""
+    seqs = [s["prompt"] + s["completion"] for s in samples]
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L, dtype=torch.long)
+    predicts = torch.zeros(len(seqs), L, dtype=torch.bool)
+    for i, (s, seq) in enumerate(zip(samples, seqs)):
+        ids[i, :len(seq)] = torch.tensor(seq)
+        mask[i, :len(seq)] = 1
+        predicts[i, len(s["prompt"]) - 1: len(seq) - 1] = True
+    targets = torch.tensor([t for s in samples for t in s["completion"]], dtype=torch.long)
+    return ids, mask, predicts, targets

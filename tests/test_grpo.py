@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import grpo
-from conftest import EOS, tiny_model
+from conftest import EOS, padded_sequences, tiny_model
 
 PROMPTS = [[1, 5, 9, 17, 33], [1, 44], [1, 7, 7, 90, 12, 3, 60, 61]]  # different lengths: left padding matters
 
@@ -105,22 +105,29 @@ def make_buffer(model, G=4, max_new_tokens=12, seed=0):
             for i, c in enumerate(completions)]
 
 
-def test_collate_pads_only_after_sequences_and_masks_exactly_the_completion():
-    samples = [{"prompt": [1, 5, 9], "completion": [7, EOS]}, {"prompt": [1], "completion": [4, 4, 4, 4, EOS]}]
-    ids, mask, predicts, targets = grpo.collate(samples, EOS, "cpu")
-    assert ids.tolist() == [[1, 5, 9, 7, EOS, EOS], [1, 4, 4, 4, 4, EOS]]
-    assert mask.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
-    # position t predicts token t+1: exactly the completion tokens, EOS included, though EOS == pad
-    assert predicts.tolist() == [[0, 0, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]]
-    assert targets.tolist() == [7, EOS, 4, 4, 4, 4, EOS]
+def test_collate_runs_each_prompt_once_and_masks_exactly_the_completion():
+    samples = [{"prompt": [1, 5, 9], "completion": [7, EOS]}, {"prompt": [1], "completion": [4, 4, 4, 4, EOS]},
+               {"prompt": [1, 5, 9], "completion": [EOS]}]
+    prompt_ids, prompt_mask, which, ids, mask, targets = grpo.collate(samples, EOS, "cpu")
+    assert prompt_ids.tolist() == [[1, 5, 9], [1, EOS, EOS]] and prompt_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert which.tolist() == [0, 1, 0]
+    assert ids.tolist() == [[7, EOS, EOS, EOS, EOS], [4, 4, 4, 4, EOS], [EOS, EOS, EOS, EOS, EOS]]
+    # the mask comes from lengths: EOS is trained on though EOS == pad
+    assert mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert targets.tolist() == [7, EOS, 4, 4, 4, 4, EOS, EOS]
 
 
-def test_completion_logprobs_equal_log_softmax_of_full_logits(tiny):
-    buffer = make_buffer(tiny)
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_completion_logprobs_equal_log_softmax_of_full_logits(kind):
+    """Shared prompts, a prompt cache read by the completions, positions continued after each prompt: the same
+    numbers as running each padded prompt + completion through the model whole."""
+    model = tiny_model(kind)
+    buffer = make_buffer(model)
     batch = grpo.collate(buffer, EOS, "cpu")
-    ours = grpo.completion_logprobs(tiny, batch, temperature=0.7, chunk=5)  # small chunks: several of them
-    ids, mask, predicts, targets = batch
-    full = (tiny(input_ids=ids, attention_mask=mask).logits / 0.7).log_softmax(-1)[predicts]
+    assert len(batch[0]) == len(PROMPTS) < len(buffer)  # each prompt runs once
+    ours = grpo.completion_logprobs(model, batch, temperature=0.7, chunk=5)  # small chunks: several of them
+    ids, mask, predicts, targets = padded_sequences(buffer)
+    full = (model(input_ids=ids, attention_mask=mask).logits / 0.7).log_softmax(-1)[predicts]
     assert torch.allclose(ours, full.gather(-1, targets[:, None]).squeeze(-1), atol=1e-10)
 
 
@@ -156,7 +163,7 @@ def test_old_logprobs_of_the_first_step_are_kept_for_later_epochs():
 
 def naive_loss(model, samples, cfg):
     """The unoptimized reference: full logits for the padded batch, masks from positions, plain averages."""
-    ids, mask, predicts, targets = grpo.collate(samples, EOS, "cpu")
+    ids, mask, predicts, targets = padded_sequences(samples)
     logp_all = (model(input_ids=ids, attention_mask=mask).logits / cfg.temperature).log_softmax(-1)
     per_seq = []
     for i, s in enumerate(samples):
@@ -203,10 +210,10 @@ def test_grad_accumulation_matches_big_batch_and_the_naive_loss(loss_agg):
     hook = model.model.register_forward_pre_hook(lambda m, a, kw: rows.append(len(kw["input_ids"])), with_kwargs=True)
     big = grads([buffer])
     hook.remove()
-    assert sum(rows) == len(buffer) - 4
+    assert rows == [len(PROMPTS) - 1, len(buffer) - 4]  # the two other prompts once each, then their 8 completions
     micro = grads([buffer[i:i + 3] for i in range(0, len(buffer), 3)])  # 4 micro-batches, the last one shorter
     for a, b in zip(big, micro):
-        assert torch.allclose(a, b, atol=1e-12)
+        assert torch.allclose(a, b, atol=1e-12), (a - b).abs().max()
     model.zero_grad()
     naive_loss(model, buffer, cfg).backward()
     for a, p in zip(big, params):
@@ -342,7 +349,7 @@ def test_gradient_checkpointing_gives_the_same_gradient():
         buffer = make_buffer(model)
         cfg = cfg_for(batch_size=len(buffer), grad_checkpoint=checkpointing, learning_rate=0.0)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            grpo.enable_grad_checkpointing(model)
         model.train(checkpointing)
         grpo.attach_old_logprobs(model, [buffer], cfg, EOS, "cpu")
         grpo.accumulate_gradients(model, [buffer], cfg, EOS, "cpu")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import grpo
 import reward as R
 import sft
-from conftest import EOS, tiny_model
+from conftest import EOS, padded_sequences, tiny_model
 
 
 def test_prompt_tokens_carry_no_loss():
@@ -21,7 +21,7 @@ def test_prompt_tokens_carry_no_loss():
     weights = torch.cat(grpo.token_weights(samples, "token", 0))
     ours = sft.sft_loss(model, samples, weights, EOS, "cpu")
     # reference: cross-entropy over the padded batch with prompt and padding labels ignored (-100)
-    ids, mask, _, _ = grpo.collate(samples, EOS, "cpu")
+    ids, mask, _, _ = padded_sequences(samples)
     labels = torch.full_like(ids, -100)
     for i, s in enumerate(samples):
         p = len(s["prompt"])
