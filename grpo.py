@@ -15,8 +15,8 @@ reasoning-gym's verifier. One training step:
    r = w_correct * correctness + w_format * format (+ w_length * Kimi-1.5 length reward).
 2. Advantages, per group of G completions of one question: A_i = (r_i - mean(r)) / (std(r) + eps);
    `--scale_rewards none` keeps only the centering (Dr. GRPO). A group of equal rewards gets A = 0.
-3. Update: `ppo_epochs` passes over the buffer in shuffled minibatches of `batch_size`, an AdamW step every
-   `gradient_accumulation_steps` minibatches. Per completion token, with ratio = exp(logp - old_logp):
+3. Update: `ppo_epochs` passes over the buffer in minibatches of `batch_size` (questions in random order, a
+   question's samples together), an AdamW step every `gradient_accumulation_steps` minibatches. Per completion token, with ratio = exp(logp - old_logp):
        loss_t = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)  (+ beta * KL_k3 to the base model)
    `--loss_agg` says how the token losses add up: `seq` (mean per sequence, then over sequences: DeepSeek),
    `token` (sum / number of tokens: DAPO), `dr_grpo` (sum / (sequences * max_new_tokens)). The divisor is
@@ -26,8 +26,11 @@ reasoning-gym's verifier. One training step:
 Choices worth knowing: old log-probs are recomputed by the training forward pass (same code, same
 minibatches), so on the first minibatch the ratio is exactly 1; the reference model for the KL is the
 same model with LoRA switched off (no second copy); the buffer stores sequences unpadded and pads each
-minibatch only to its own longest sequence; log-probs are computed only at completion positions, in
-chunks, so no (tokens x vocabulary) tensor for the whole batch ever exists.
+minibatch only to its own longest sequence; a minibatch runs each of its prompts once and the completions
+read that prompt's keys and values (the sampler shares each prompt's prefill among its G samples the same
+way); samples with zero advantage (and no KL term) have no gradient and are not run at all; log-probs are
+computed only at completion positions, in chunks, so no (tokens x vocabulary) tensor for the whole batch
+ever exists.
 """
 import argparse
 import contextlib

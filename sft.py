@@ -3,7 +3,7 @@ SFT warmup: teach the model the <think> ... </think> <answer> ... </answer> form
 GRPO. A 135M model almost never writes the tags by itself, and with no well-formed answer every reward is
 equal and RL learns nothing.
 
-    python sft.py                                   # offline, default task syllogism -> out-sft/ckpt.pt
+    python sft.py                                   # offline, balanced syllogism -> out-sft/ckpt.pt
     python grpo.py --init_from out-sft/ckpt.pt      # then RL from the warmed-up adapter
 
 Where the worked examples come from (all routes write the same examples.jsonl: question, response, and the
@@ -40,7 +40,8 @@ from grpo import fail, opt
 @dataclass
 class SFTConfig:
     model: str = opt("SmolLM-135M", "HF hub id or local path; SmolLM-135M = SmolLM2-135M-Instruct, bundled offline")
-    task: str = opt("syllogism", "reasoning-gym task name")
+    task: str = opt("syllogism:invalid_ratio=0.5", "reasoning-gym task (name:key=value settings); the default is "
+                    "syllogism with as many valid as invalid arguments, so that the warmup teaches no Yes/No prior")
     out_dir: str = opt("out-sft", "where examples.jsonl, log.jsonl and ckpt.pt go")
     device: str = opt("auto", "cpu, cuda, or auto")
     dtype: str = opt("auto", "float32, bfloat16, float16, or auto (bfloat16 on cuda, float32 on cpu)")
@@ -54,7 +55,7 @@ class SFTConfig:
     n_examples: int = opt(200, "worked examples to train on")
     self_samples: int = opt(4, "--source self: samples per question")
     # training
-    epochs: int = opt(3, "passes over the examples")
+    epochs: int = opt(2, "passes over the examples")
     learning_rate: float = opt(2e-4, "AdamW learning rate")
     batch_size: int = opt(8, "sequences per minibatch")
     gradient_accumulation_steps: int = opt(1, "minibatches per optimizer step")
