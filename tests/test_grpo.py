@@ -47,14 +47,37 @@ def test_sampling_with_an_adapter_merges_it_and_matches_the_unmerged_model(tiny)
     for p in tiny.parameters():
         if p.requires_grad:
             p.data.normal_(0, 0.1)
-    merged_while_sampling = []
-    hook = tiny.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
-        lambda m, a: merged_while_sampling.append(m.frozen_merge is not None))
+    q_proj, lm_head = tiny.model.layers[0].self_attn.q_proj, tiny.lm_head
+    seen = []  # the linear layers that run while sampling: FrozenLinear copies only
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, a: seen.append(type(m).__name__) if isinstance(m, (torch.nn.Linear, grpo.LoRALinear,
+                                                                      grpo.FrozenLinear)) else None)
     ours, _ = grpo.generate(tiny, PROMPTS, 1, 24, 0.0, 1.0, EOS)
-    hook.remove()
-    assert all(merged_while_sampling) and merged_while_sampling
-    assert all(m.frozen_merge is None for m in tiny.modules() if isinstance(m, grpo.LoRALinear))
+    handle.remove()
+    assert seen and set(seen) == {"FrozenLinear"}
+    assert tiny.model.layers[0].self_attn.q_proj is q_proj and tiny.lm_head is lm_head  # put back
     assert ours == [greedy_full_recompute(tiny, p, 24) for p in PROMPTS]  # the unmerged adapter, token for token
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_packed_fp32_sampling_matches_the_unpacked_model(kind):
+    """In fp32 on CPU, FrozenLinear multiplies by oneDNN-packed weights: same greedy tokens as the plain model."""
+    model = tiny_model(kind).float()
+    grpo.apply_lora(model, 4, 8.0, "q_proj,v_proj,down_proj")
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(3, 5, model.config.hidden_size)
+    with torch.no_grad():
+        expected = [attn.q_proj(x), attn.k_proj(x), model.lm_head(x)]  # LoRA, plain, vocabulary projection
+        with grpo.frozen_linears(model, 3):
+            frozen = [m for m in model.modules() if isinstance(m, grpo.FrozenLinear)]
+            assert frozen and all(m.packed is not None for m in frozen) == torch.backends.mkldnn.is_available()
+            for want, got in zip(expected, [attn.q_proj(x), attn.k_proj(x), model.lm_head(x)]):
+                assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    ours, _ = grpo.generate(model, PROMPTS, 1, 24, 0.0, 1.0, EOS)
+    assert ours == [greedy_full_recompute(model, p, 24) for p in PROMPTS]
 
 
 def test_each_row_stops_at_eos_and_truncation_is_marked():
@@ -129,6 +152,24 @@ def test_completion_logprobs_equal_log_softmax_of_full_logits(kind):
     ids, mask, predicts, targets = padded_sequences(buffer)
     full = (model(input_ids=ids, attention_mask=mask).logits / 0.7).log_softmax(-1)[predicts]
     assert torch.allclose(ours, full.gather(-1, targets[:, None]).squeeze(-1), atol=1e-10)
+
+
+def test_token_logprobs_gradient_equals_autograd_of_log_softmax():
+    """The hand-written backward of the vocabulary projection, for the hidden states and (full fine-tuning)
+    the weight, against autograd through log_softmax."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(7, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (7,), generator=g)
+    upstream = torch.randn(7, dtype=torch.float64, generator=g)
+    ours = grpo.TokenLogprobs.apply(h, w, targets, 0.7)
+    (ours * upstream).sum().backward()
+    ours_grads = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    expected = (F.linear(h, w) / 0.7).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    (expected * upstream).sum().backward()
+    assert torch.allclose(ours, expected, atol=1e-12)
+    assert torch.allclose(ours_grads[0], h.grad, atol=1e-12) and torch.allclose(ours_grads[1], w.grad, atol=1e-12)
 
 
 def cfg_for(**kw):
