@@ -12,7 +12,8 @@ AdamW step, the way grpo.py trains: each minibatch runs a prompt once for all it
 step (rollout, scoring, update) at 8 x 6, 128 new tokens, one buffer of 48. The compute limits are the matmul
 peak divided by the model's FLOPs per token: 2 x params to sample a token, 4 x params to train one with LoRA
 (forward + the backward to the inputs; the LoRA weight gradients are small). Ratios, not seconds, are what
-carry over to another machine.
+carry over to another machine. Every measurement follows a warm-up run of the same code (HF generate's too),
+so the numbers are those of a run in progress, not of a first call.
 """
 import argparse
 import dataclasses
@@ -73,6 +74,7 @@ def main():
     r["sampler_tok_s"] = n_tokens / s
     ids, mask = grpo.left_pad(prompts, tok.eos_token_id, device)
     with torch.no_grad():
+        model.generate(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=4, pad_token_id=tok.eos_token_id)
         out, s = timed(lambda: model.generate(
             input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
             num_return_sequences=cfg.G, max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens,
@@ -95,6 +97,7 @@ def main():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    train_step()  # warm-up: the first step also creates AdamW's state and grows the allocator's pools
     _, s = timed(train_step, device)
     # train_tok_s counts every sample's prompt + completion (the work of a trainer that runs each sequence whole);
     # a minibatch runs each of its prompts once for all their samples, so fewer tokens go through the model:
@@ -111,7 +114,7 @@ def main():
         for i, s in enumerate(batch):
             s["advantage"] = 1.0 if i % 2 else -1.0
     _, r["grpo_update_s"] = timed(lambda: grpo.update(model, optimizer, batch, cfg, tok.eos_token_id, gen, device), device)
-    r["grpo_step_s"] = r["grpo_rollout_s"] + r["grpo_update_s"]
+    r["grpo_step_s"] = r["grpo_rollout_s"] + r["grpo_update_s"]  # steady state: sampler and update warmed up above
     r["grpo_step_tokens"] = sum(len(s["completion"]) for s in batch)
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device == "cuda":
