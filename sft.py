@@ -212,25 +212,26 @@ def train(model, tok, samples: list[dict], cfg: SFTConfig, device):
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / total_steps)  # linear decay to 0
     rng, losses = random.Random(cfg.seed), []
     bar = tqdm(total=total_steps, desc="sft", dynamic_ncols=True)
-    for _ in range(cfg.epochs):
-        order = samples[:]
-        rng.shuffle(order)
-        for i in range(0, len(order), per_step):
-            step = order[i:i + per_step]
-            weights = grpo.token_weights(step, "token", 0)  # mean over the step's response tokens
-            loss = 0.0
-            for j in range(0, len(step), cfg.batch_size):
-                mb = step[j:j + cfg.batch_size]
-                part = sft_loss(model, mb, torch.cat(weights[j:j + len(mb)]), tok.eos_token_id, device)
-                part.backward()
-                loss += part.item()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
+    with grpo.frozen_linears(model, rows=1024, training=True):  # LoRA: the base weights stay fixed
+        for _ in range(cfg.epochs):
+            order = samples[:]
+            rng.shuffle(order)
+            for i in range(0, len(order), per_step):
+                step = order[i:i + per_step]
+                weights = grpo.token_weights(step, "token", 0)  # mean over the step's response tokens
+                loss = 0.0
+                for j in range(0, len(step), cfg.batch_size):
+                    mb = step[j:j + cfg.batch_size]
+                    part = sft_loss(model, mb, torch.cat(weights[j:j + len(mb)]), tok.eos_token_id, device)
+                    part.backward()
+                    loss += part.item()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
     bar.close()
     return losses, optimizer
 

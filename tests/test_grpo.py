@@ -1,4 +1,5 @@
 """Specification of grpo.py on tiny random models: sampler, log-probs, buffer, advantages, loss, LoRA."""
+import contextlib
 import dataclasses
 
 import pytest
@@ -200,6 +201,41 @@ def test_old_logprobs_of_the_first_step_are_kept_for_later_epochs():
         expected = grpo.completion_logprobs(model, grpo.collate(minibatches[0], EOS, "cpu"), cfg.temperature)
     grpo.accumulate_gradients(model, minibatches[:1], cfg, EOS, "cpu")
     assert torch.equal(torch.cat([s["old_logp"] for s in minibatches[0]]), expected)
+
+
+def test_training_through_packed_base_weights_gives_the_same_loss_and_gradient():
+    """fp32 on CPU: under frozen_linears(training=True) each LoRA layer's base multiplies by oneDNN-packed W
+    (and W^T in backward); the adapter's gradient matches plain F.linear to fp32 rounding."""
+    model = tiny_model("llama", dtype=torch.float32)
+    grpo.apply_lora(model, 4, 8.0, "q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj")
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    buffer = make_buffer(model)
+    cfg = cfg_for()
+    for s in buffer:
+        s["old_logp"] = s["ref_logp"] = None
+    params = [p for p in model.parameters() if p.requires_grad]
+    bases = [m.base for m in model.modules() if isinstance(m, grpo.LoRALinear)]
+
+    def grads(packed):
+        model.zero_grad()
+        with grpo.frozen_linears(model, 16, training=True) if packed else contextlib.nullcontext():
+            if packed:
+                frozen = [m.base for m in model.modules() if isinstance(m, grpo.LoRALinear)]
+                assert all(isinstance(f, grpo.FrozenLinear) for f in frozen)
+                assert all(f.packed_t is not None for f in frozen) == torch.backends.mkldnn.is_available()
+            loss, _ = grpo.accumulate_gradients(model, [buffer], cfg, EOS, "cpu")
+            for s in buffer:
+                s["old_logp"] = None
+        return loss, [p.grad.clone() for p in params]
+
+    plain_loss, plain = grads(False)
+    packed_loss, packed = grads(True)
+    assert [m.base for m in model.modules() if isinstance(m, grpo.LoRALinear)] == bases  # put back
+    assert abs(plain_loss - packed_loss) < 1e-5
+    for a, b in zip(plain, packed):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6), (a - b).abs().max()
 
 
 def naive_loss(model, samples, cfg):
