@@ -31,7 +31,8 @@ minibatch only to its own longest sequence; a minibatch runs each of its prompts
 read that prompt's keys and values (the sampler shares each prompt's prefill among its G samples the same
 way); samples with zero advantage (and no KL term) have no gradient and are not run at all; log-probs are
 computed only at completion positions, in chunks, so no (tokens x vocabulary) tensor for the whole batch
-ever exists.
+ever exists; on CPU in fp32, weights that stay fixed for a while (all of them while sampling, LoRA's base
+weights while training) are multiplied in oneDNN's packed layout.
 """
 import argparse
 import contextlib
