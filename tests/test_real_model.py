@@ -58,3 +58,16 @@ def test_the_short_training_command_runs_offline_and_its_checkpoint_loads(tmp_pa
     ckpt = grpo.read_checkpoint(str(out / "ckpt.pt"), grpo.Config())
     grpo.load_weights(model, ckpt)
     assert ckpt["step"] == 2
+
+
+def test_bench_json_reports_every_figure_the_readme_quotes():
+    """A short bench.py run (4 new tokens, one GRPO step): every key is there and every figure is sane."""
+    out = subprocess.run([sys.executable, "bench.py", "--json", "--new_tokens", "4", "--steps", "1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ["matmul_gflops", "sampler_tok_s", "hf_generate_tok_s", "sampler_vs_hf", "sampler_vs_limit",
+                "train_tok_s", "train_vs_limit", "grpo_step_s", "peak_rss_mb"]:
+        assert r[key] > 0, key
+    assert r["grpo_step_s"] == r["grpo_rollout_s"] + r["grpo_update_s"]
+    assert r["sampler_vs_hf"] == r["sampler_tok_s"] / r["hf_generate_tok_s"]
