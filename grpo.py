@@ -37,6 +37,7 @@ weights while training) are multiplied in oneDNN's packed layout.
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -273,20 +274,30 @@ class PackedLinear(torch.autograd.Function):
         return torch.ops.mkldnn._linear_pointwise(grad, ctx.packed_t, None, "none", [], ""), None, None, None
 
 
+@functools.cache
+def packing_works() -> bool:
+    """The packed ops are private API: use them only where they run and agree with F.linear."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w, x = torch.randn(8, 4), torch.randn(3, 4)
+        y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 3), None, "none", [], "")
+        return torch.allclose(y, F.linear(x, w), atol=1e-5)
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class FrozenLinear(nn.Module):
     """y = x W^T + b with a fixed weight, packed where that pays (see above); differentiable in x if `grad`."""
 
     def __init__(self, weight: torch.Tensor, bias, rows: int, grad: bool = False):
         super().__init__()
         self.weight, self.bias, self.packed, self.packed_t = weight, bias, None, None
-        if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        if weight.device.type == "cpu" and weight.dtype == torch.float32 and packing_works():
             pack = lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows)  # rows: a layout hint only
-            try:
-                self.packed = pack(weight)
-                self.packed_t = pack(weight.t().contiguous()) if grad else None
-                self.weight = None
-            except (AttributeError, RuntimeError):
-                self.packed = None
+            self.packed = pack(weight)
+            self.packed_t = pack(weight.t().contiguous()) if grad else None
+            self.weight = None
 
     def forward(self, x):
         if self.packed is None:
