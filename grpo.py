@@ -261,17 +261,25 @@ def lora_disabled(model: nn.Module):
 # is 1.3x (layer-sized weights) to 2x (the vocabulary projection) faster at the sampler's batch sizes, ~1.1x at
 # training sizes. Elsewhere (GPU, bf16, the fp64 tests), or if those ops are missing, it is plain F.linear.
 
+def pack(w: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w, rows)  # rows: the expected batch, a layout hint only
+
+
+def packed_linear(x, packed, bias=None):
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 class PackedLinear(torch.autograd.Function):
     """x W^T + b with W packed; the backward goes to x only (W is frozen), through the packed W^T."""
 
     @staticmethod
     def forward(ctx, x, packed, packed_t, bias):
         ctx.packed_t = packed_t
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return packed_linear(x, packed, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        return torch.ops.mkldnn._linear_pointwise(grad, ctx.packed_t, None, "none", [], ""), None, None, None
+        return packed_linear(grad, ctx.packed_t), None, None, None
 
 
 @functools.cache
@@ -281,8 +289,7 @@ def packing_works() -> bool:
         return False
     try:
         w, x = torch.randn(8, 4), torch.randn(3, 4)
-        y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 3), None, "none", [], "")
-        return torch.allclose(y, F.linear(x, w), atol=1e-5)
+        return torch.allclose(packed_linear(x, pack(w, 3)), F.linear(x, w), atol=1e-5)
     except (AttributeError, RuntimeError):
         return False
 
@@ -294,9 +301,8 @@ class FrozenLinear(nn.Module):
         super().__init__()
         self.weight, self.bias, self.packed, self.packed_t = weight, bias, None, None
         if weight.device.type == "cpu" and weight.dtype == torch.float32 and packing_works():
-            pack = lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows)  # rows: a layout hint only
-            self.packed = pack(weight)
-            self.packed_t = pack(weight.t().contiguous()) if grad else None
+            self.packed = pack(weight, rows)
+            self.packed_t = pack(weight.t().contiguous(), rows) if grad else None
             self.weight = None
 
     def forward(self, x):
@@ -304,7 +310,7 @@ class FrozenLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         if self.packed_t is not None:
             return PackedLinear.apply(x, self.packed, self.packed_t, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return packed_linear(x, self.packed, self.bias)
 
 
 @contextlib.contextmanager
