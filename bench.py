@@ -10,10 +10,11 @@ Face `generate` (alternating, the faster of two runs each) on the same prompts, 
 samples), fixed length (128 new tokens, no early stop) and sampling settings (T = 0.7, top-p 0.95, no top-k);
 LoRA training throughput (forward + backward + AdamW step, the way grpo.py trains: each minibatch runs a
 prompt once for all its samples); and whole GRPO steps (rollout, scoring, update) at 8 x 6, 128 new tokens,
-one buffer of 48 (the median of --steps). The compute limits are the matmul peak divided by the model's FLOPs per token: 2 x params to sample a token,
-4 x params to train one with LoRA (forward + the backward to the inputs; the LoRA weight gradients are small).
-Ratios, not seconds, are what carry over to another machine. Every measurement follows a warm-up run of the
-same code (HF generate's too), so the numbers are those of a run in progress, not of a first call.
+one buffer of 48 (the median of --steps). The compute limits are the matmul peak divided by the model's
+FLOPs per token: 2 x params to sample a token, 4 x params to train one with LoRA (forward + the backward to
+the inputs; the LoRA weight gradients are small). Ratios, not seconds, are what carry over to another
+machine. Every measurement follows a warm-up run of the same code (HF generate's too), so the numbers are
+those of a run in progress, not of a first call.
 """
 import argparse
 import dataclasses
