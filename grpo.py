@@ -414,49 +414,103 @@ def load_model(name: str, device: str, dtype: torch.dtype):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sampler. The prompts of a rollout are left-padded and prefilled once; their KV cache is then repeated for
-# the G samples of each. The cache is one preallocated buffer per layer, written in place at each step.
+# Sampler. The prompts of a rollout are left-padded and prefilled once. While decoding, each layer's cache holds
+# the prompts' keys/values once (from the prefill) and the completions' keys/values in a preallocated buffer
+# written in place; attention reads a prompt's keys once for all its G samples, not G times.
 
+from transformers import AttentionInterface  # noqa: E402
 from transformers.cache_utils import Cache, DynamicLayer  # noqa: E402
 
 
-class PreallocatedLayer(DynamicLayer):
-    """One layer's keys/values in a buffer of fixed capacity; `update` writes the new positions in place and
-    returns a view of the filled part (HF's DynamicLayer instead copies the whole cache with torch.cat)."""
+def attend(q, k, v, scale: float, bias=None, fused: bool | None = None):
+    """softmax(q k^T * scale + bias) v, and the log-sum-exp of each query's scores (what merging two parts of one
+    attention needs). On CPU: the flash-attention kernel behind F.scaled_dot_product_attention, which returns both."""
+    if fused if fused is not None else q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
+    s = upcast(q @ k.transpose(-1, -2)) * scale
+    s = s if bias is None else s + bias
+    lse = s.logsumexp(-1)
+    return (s - lse[..., None]).exp().to(v.dtype) @ v, lse
 
-    def __init__(self, capacity: int):
+
+class CompletionLayer(DynamicLayer):
+    """One layer's cache while decoding: the prompts' keys/values (B rows, as the prefill left them) and the
+    completions' keys/values (B*G rows) in a buffer of fixed capacity; `update` writes the new position in place
+    and returns the completions' part (HF's DynamicLayer instead copies the whole cache with torch.cat)."""
+
+    def __init__(self, prompt: DynamicLayer, G: int, capacity: int):
         super().__init__()
-        self.capacity, self.length = capacity, 0
-
-    def lazy_initialization(self, key_states, value_states):
-        B, H, _, D = key_states.shape
-        self.k = key_states.new_empty(B, H, self.capacity, D)
-        self.v = value_states.new_empty(B, H, self.capacity, D)
-        self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+        self.prompt_k, self.prompt_v = prompt.keys, prompt.values  # (B, heads, P, head_dim)
+        B, H, _, D = self.prompt_k.shape
+        self.k, self.v = (x.new_empty(B * G, H, capacity, D) for x in (self.prompt_k, self.prompt_v))
+        self.length, self.is_initialized, self.dtype, self.device = 0, True, self.k.dtype, self.k.device
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
         t0, t1 = self.length, self.length + key_states.shape[-2]
-        self.k[:, :, t0:t1] = key_states
-        self.v[:, :, t0:t1] = value_states
+        self.k[:, :, t0:t1], self.v[:, :, t0:t1] = key_states, value_states
         self.length = t1
-        self.keys, self.values = self.k[:, :, :t1], self.v[:, :, :t1]
-        return self.keys, self.values
+        return self.k[:, :, :t1], self.v[:, :, :t1]
 
     def get_seq_length(self):
-        return self.length
+        return self.prompt_k.shape[2] + self.length
+
+    def batch_select_indices(self, indices):  # rows that finished leave the batch (a copy, done rarely)
+        self.k, self.v = self.k[indices], self.v[indices]
+
+
+class SharedPromptCache(Cache):
+    """The decoding cache of G samples per prompt. `slot` maps each row still decoding to its place among the B*G
+    samples (rows leave as they finish); `bias` masks the prompts' left padding."""
+
+    def __init__(self, prefill: Cache, prompt_mask, G: int, capacity: int):
+        super().__init__(layers=[CompletionLayer(layer, G, capacity) for layer in prefill.layers])
+        dtype = self.layers[0].dtype
+        self.bias = torch.zeros(prompt_mask.shape, dtype=dtype, device=prompt_mask.device).masked_fill(
+            prompt_mask == 0, float("-inf"))[:, None, None]  # (B, 1, 1, P)
+        self.G, self.slot, self.attended = G, torch.arange(len(prompt_mask) * G, device=prompt_mask.device), False
 
     def batch_select_indices(self, indices):
-        # rows that finished leave the batch (a copy of the others' cache, done rarely: see generate)
-        self.k, self.v = self.k[indices], self.v[indices]
-        self.keys, self.values = self.k[:, :, :self.length], self.v[:, :, :self.length]
+        super().batch_select_indices(indices)
+        self.slot = self.slot[indices]
 
-    def batch_repeat_interleave(self, repeats: int):
-        # once per rollout, after the prefill: each prompt's cache becomes its G samples' caches
-        self.k = self.k.repeat_interleave(repeats, dim=0)
-        self.v = self.v.repeat_interleave(repeats, dim=0)
-        self.keys, self.values = self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+def shared_prompt_attention(module, q, k, v, attention_mask, scaling: float, shared_prompt: SharedPromptCache,
+                            **kwargs):
+    """Attention of each row's new token over its prompt and its own completion, while decoding (the model's
+    attention layers call it through transformers' AttentionInterface; k, v are the completions' part). Two
+    parts merged by their log-sum-exps: o = o_c + sigmoid(lse_p - lse_c) * (o_p - o_c). The prompt part runs once
+    per prompt with the queries of all its G samples (query head h reads key head h // (heads / key heads))."""
+    cache, layer = shared_prompt, shared_prompt.layers[module.layer_idx]
+    if kwargs.get("softcap") or (kwargs.get("sliding_window") or math.inf) < k.shape[2] + layer.prompt_k.shape[2]:
+        raise ValueError("the sampler supports neither attention logit soft-capping nor a sliding window")
+    n, H, _, D = q.shape  # one new token per row
+    B, KV, _, _ = layer.prompt_k.shape
+    R, G = H // KV, cache.G
+    q = q.reshape(n, KV, R, D)
+    full = n == B * G  # no row has left yet: the rows are the B x G grid
+    grid = q if full else q.new_zeros(B * G, KV, R, D).index_copy_(0, cache.slot, q)  # finished: zeros, unused
+    o_p, lse_p = attend(grid.view(B, G, KV, R, D).transpose(1, 2).reshape(B, KV, G * R, D), layer.prompt_k,
+                        layer.prompt_v, scaling, cache.bias)
+    o_p = o_p.view(B, KV, G, R, D).transpose(1, 2).reshape(B * G, KV, R, D)
+    lse_p = lse_p.view(B, KV, G, R).transpose(1, 2).reshape(B * G, KV, R)
+    if not full:
+        o_p, lse_p = o_p[cache.slot], lse_p[cache.slot]
+    o_c, lse_c = attend(q, k, v, scaling)
+    cache.attended = True
+    return torch.lerp(o_c, o_p, torch.sigmoid(lse_p - lse_c).unsqueeze(-1).to(o_c.dtype)).reshape(n, 1, H, D), None
+
+
+AttentionInterface.register("grpo_shared_prompt", shared_prompt_attention)
+
+
+@contextlib.contextmanager
+def attention_implementation(model, name: str):
+    config, before = model.config, model.config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
 
 
 def sample_next(logits, temperature, top_p, generator):
@@ -495,36 +549,37 @@ def generate(model, prompts: list[list[int]], G: int, max_new_tokens: int, tempe
     with frozen_linears(model, len(prompts) * G):
         ids, mask = left_pad(prompts, eos_id, device)  # (B, P)
         n_layers = model.config.get_text_config().num_hidden_layers
-        cache = Cache(layers=[PreallocatedLayer(ids.shape[1] + max_new_tokens) for _ in range(n_layers)])
+        prefill = Cache(layers=[DynamicLayer() for _ in range(n_layers)])
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as in an unpadded prompt
-        h = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache).last_hidden_state
-        logits = model.lm_head(h[:, -1])  # (B, V): only the last position is needed
-        # share each prompt's prefill among its G samples
-        cache.batch_repeat_interleave(G)
-        logits, mask = logits.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
+        h = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=prefill).last_hidden_state
+        logits = model.lm_head(h[:, -1]).repeat_interleave(G, 0)  # (B*G, V): only the last position is needed
+        cache = SharedPromptCache(prefill, mask, G, max_new_tokens)
         pos = pos[:, -1:].repeat_interleave(G, 0)
         N = logits.shape[0]
         out = torch.full((N, max_new_tokens), eos_id, device=device)
         lengths = torch.full((N,), max_new_tokens, device=device)
         rows = torch.arange(N, device=device)  # the output row of each row still in the batch
         done = torch.zeros(N, dtype=torch.bool, device=device)
-        for t in range(max_new_tokens):
-            tok = sample_next(logits, temperature, top_p, generator)
-            out[rows, t] = torch.where(done, eos_id, tok)
-            newly = (tok == eos_id) & ~done & stop_at_eos
-            lengths[rows[newly]] = t + 1
-            done |= newly
-            if bool(done.all()) or t == max_new_tokens - 1:
-                break
-            if int(done.sum()) * 4 >= len(done):  # a quarter of the batch has finished: stop computing those rows
-                keep = (~done).nonzero().squeeze(1)
-                cache.batch_select_indices(keep)
-                rows, tok, mask, pos, done = rows[keep], tok[keep], mask[keep], pos[keep], done[keep]
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            pos = pos + 1
-            h = model.model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
-                            past_key_values=cache).last_hidden_state
-            logits = model.lm_head(h[:, -1])
+        with attention_implementation(model, "grpo_shared_prompt"):
+            for t in range(max_new_tokens):
+                tok = sample_next(logits, temperature, top_p, generator)
+                out[rows, t] = torch.where(done, eos_id, tok)
+                newly = (tok == eos_id) & ~done & stop_at_eos
+                lengths[rows[newly]] = t + 1
+                done |= newly
+                if bool(done.all()) or t == max_new_tokens - 1:
+                    break
+                if int(done.sum()) * 4 >= len(done):  # a quarter of the batch has finished: stop computing those
+                    keep = (~done).nonzero().squeeze(1)
+                    cache.batch_select_indices(keep)
+                    rows, tok, pos, done = rows[keep], tok[keep], pos[keep], done[keep]
+                pos = pos + 1
+                h = model.model(input_ids=tok[:, None], position_ids=pos, past_key_values=cache,
+                                shared_prompt=cache).last_hidden_state
+                if not cache.attended:
+                    raise ValueError(f"{type(model).__name__} does not call transformers' AttentionInterface, "
+                                     "which the sampler needs")
+                logits = model.lm_head(h[:, -1])
         truncated = (lengths == max_new_tokens) & ~((out[:, -1] == eos_id) & stop_at_eos)
         lengths, out = lengths.tolist(), out.tolist()
         return [out[i][:lengths[i]] for i in range(N)], truncated.tolist()

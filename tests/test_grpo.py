@@ -103,6 +103,33 @@ def test_g_samples_share_the_prompt_cache_and_greedy_copies_agree(tiny):
     assert completions == [c for c in singles for _ in range(3)]
 
 
+def test_every_row_samples_from_the_full_model_s_logits_while_rows_leave_the_batch(any_tiny_model, monkeypatch):
+    """Sampled rows stop at different times, also within one prompt's G samples, and leave the batch; at every
+    step, each row still running draws from the logits of a full forward pass over its prompt and tokens so far."""
+    model, G, seen = any_tiny_model, 4, []
+    sample_next = grpo.sample_next
+    monkeypatch.setattr(grpo, "sample_next", lambda logits, *args: seen.append(logits) or sample_next(logits, *args))
+    completions, _ = grpo.generate(model, PROMPTS, G, 12, 1.0, 1.0, EOS, torch.Generator().manual_seed(0))
+    assert len(seen[-1]) < len(seen[0])  # rows left the batch
+    assert any(len({len(c) for c in completions[i:i + G]}) > 1 for i in range(0, len(completions), G))
+    for i, c in enumerate(completions):
+        for t in range(len(c)):
+            want = model(torch.tensor([PROMPTS[i // G] + c[:t]])).logits[0, -1]
+            assert (seen[t] - want).abs().max(-1).values.min() < 1e-10  # one of step t's rows is row i
+
+
+def test_attention_kernel_and_plain_computation_agree():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
+    bias = torch.zeros(2, 1, 1, 5)
+    bias[0, ..., :2] = float("-inf")  # left padding
+    o1, lse1 = grpo.attend(q, k, v, 0.3, bias, fused=True)
+    o2, lse2 = grpo.attend(q, k, v, 0.3, bias, fused=False)
+    assert torch.allclose(o1, o2, atol=1e-5) and torch.allclose(lse1, lse2, atol=1e-5)
+    assert torch.allclose(o1, F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3), atol=1e-5)
+    assert torch.allclose(lse1, ((q @ k.transpose(-1, -2)) * 0.3 + bias).logsumexp(-1), atol=1e-5)
+
+
 def test_sampling_is_reproducible_with_a_fixed_seed(tiny):
     run = lambda seed: grpo.generate(tiny, PROMPTS, 4, 16, 1.0, 0.9, EOS, torch.Generator().manual_seed(seed))[0]
     assert run(123) == run(123)
