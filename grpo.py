@@ -514,22 +514,26 @@ def attention_implementation(model, name: str):
 
 
 def sample_next(logits, temperature, top_p, generator):
-    """Next token ids (N,) from logits (N, V): greedy when temperature == 0, else exact top-p sampling.
-    The nucleus almost always lies within the top 64 tokens: sort only those, and widen only if it does not."""
+    """Next token ids (N,) from logits (N, V): greedy when temperature == 0, else exact top-p sampling."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(upcast(logits) / temperature, dim=-1)
     if top_p >= 1.0:
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    k = min(64, probs.shape[-1])
-    while True:
-        p, idx = probs.topk(k, dim=-1)  # (N, k), sorted descending
-        cum = p.cumsum(-1)
-        if k == probs.shape[-1] or bool((cum[:, -1] >= top_p).all()):
-            break
-        k = min(8 * k, probs.shape[-1])
+    return sample_nucleus(probs, top_p, generator)
+
+
+def sample_nucleus(probs, top_p: float, generator, k: int = 64):
+    """The nucleus almost always lies within the top 64 tokens: sort only those. The rare rows whose nucleus is
+    wider are drawn again from 8x as many candidates (only those rows), until it fits."""
+    p, idx = probs.topk(min(k, probs.shape[-1]), dim=-1)  # (N, k), sorted descending
+    cum = p.cumsum(-1)
     p = p * ((cum - p) < top_p)  # keep a token while the mass before it is still short of top_p
-    return idx.gather(-1, torch.multinomial(p, 1, generator=generator)).squeeze(1)
+    tokens = idx.gather(-1, torch.multinomial(p, 1, generator=generator)).squeeze(1)
+    wide = cum[:, -1] < top_p
+    if k < probs.shape[-1] and bool(wide.any()):
+        tokens[wide] = sample_nucleus(probs[wide], top_p, generator, 8 * k)
+    return tokens
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device):

@@ -150,9 +150,14 @@ def test_top_p_widens_past_64_candidates_when_the_nucleus_is_wide():
     logits = torch.randn(1000) * 0.01  # nearly flat: top_p 0.5 needs about 500 tokens
     nucleus_size = int((logits.softmax(-1).sort(descending=True).values.cumsum(0) < 0.5).sum()) + 1
     allowed = set(logits.argsort(descending=True)[:nucleus_size].tolist())
-    tokens = grpo.sample_next(logits.repeat(3000, 1), 1.0, 0.5, torch.Generator().manual_seed(0)).tolist()
-    assert set(tokens) <= allowed
-    assert len(set(tokens)) > 300
+    peaked = torch.full((1000,), -30.0)
+    peaked[[7, 3, 5]] = torch.tensor([0.4, 0.35, 0.25]).log()  # a nucleus of 2 tokens: 7 and 3
+    rows = torch.stack([logits, peaked]).repeat(3000, 1)  # wide and narrow rows mixed: only the wide ones widen
+    tokens = grpo.sample_next(rows, 1.0, 0.5, torch.Generator().manual_seed(0))
+    wide, narrow = tokens[0::2].tolist(), tokens[1::2]
+    assert set(wide) <= allowed
+    assert len(set(wide)) > 300
+    assert set(narrow.tolist()) == {3, 7} and abs((narrow == 7).float().mean() - 0.4 / 0.75) < 0.05
 
 
 def make_buffer(model, G=4, max_new_tokens=12, seed=0):
