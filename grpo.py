@@ -543,6 +543,15 @@ def left_pad(prompts: list[list[int]], pad_id: int, device):
     return ids, mask
 
 
+def common_prefix(prompts: list[list[int]]) -> int:
+    """Length of the prefix all prompts share, leaving each at least one token of its own."""
+    n = min(len(p) for p in prompts) - 1
+    for i in range(n):
+        if any(p[i] != prompts[0][i] for p in prompts):
+            return i
+    return max(n, 0)
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], G: int, max_new_tokens: int, temperature: float, top_p: float,
              eos_id: int, generator=None, stop_at_eos: bool = True) -> tuple[list[list[int]], list[bool]]:
@@ -551,10 +560,15 @@ def generate(model, prompts: list[list[int]], G: int, max_new_tokens: int, tempe
     stop_at_eos=False samples exactly max_new_tokens for every row (for benchmarks)."""
     device = next(model.parameters()).device
     with frozen_linears(model, len(prompts) * G):
-        ids, mask = left_pad(prompts, eos_id, device)  # (B, P)
         n_layers = model.config.get_text_config().num_hidden_layers
         prefill = Cache(layers=[DynamicLayer() for _ in range(n_layers)])
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as in an unpadded prompt
+        n = common_prefix(prompts)  # the system prompt and chat template: run once, copied to the B rows
+        if n:
+            model.model(input_ids=torch.tensor([prompts[0][:n]], device=device), past_key_values=prefill)
+            prefill.batch_repeat_interleave(len(prompts))
+        ids, mask = left_pad([p[n:] for p in prompts], eos_id, device)  # (B, P - n)
+        pos = n + (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as in an unpadded prompt
+        mask = torch.cat([mask.new_ones(len(prompts), n), mask], 1)  # (B, P)
         h = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=prefill).last_hidden_state
         logits = model.lm_head(h[:, -1]).repeat_interleave(G, 0)  # (B*G, V): only the last position is needed
         cache = SharedPromptCache(prefill, mask, G, max_new_tokens)

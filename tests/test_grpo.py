@@ -103,18 +103,24 @@ def test_g_samples_share_the_prompt_cache_and_greedy_copies_agree(tiny):
     assert completions == [c for c in singles for _ in range(3)]
 
 
-def test_every_row_samples_from_the_full_model_s_logits_while_rows_leave_the_batch(any_tiny_model, monkeypatch):
+SHARED_PREFIX = [[1, 5, 9, 17, 33, 4], [1, 5, 9, 17, 44], [1, 5, 9, 17, 33, 4, 8, 90]]  # prefilled once: 4 tokens
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS, SHARED_PREFIX], ids=["prompts", "shared_prefix"])
+def test_every_row_samples_from_the_full_model_s_logits_while_rows_leave_the_batch(any_tiny_model, prompts,
+                                                                                    monkeypatch):
     """Sampled rows stop at different times, also within one prompt's G samples, and leave the batch; at every
     step, each row still running draws from the logits of a full forward pass over its prompt and tokens so far."""
+    assert grpo.common_prefix(prompts) == (1 if prompts is PROMPTS else 4)
     model, G, seen = any_tiny_model, 4, []
     sample_next = grpo.sample_next
     monkeypatch.setattr(grpo, "sample_next", lambda logits, *args: seen.append(logits) or sample_next(logits, *args))
-    completions, _ = grpo.generate(model, PROMPTS, G, 12, 1.0, 1.0, EOS, torch.Generator().manual_seed(0))
+    completions, _ = grpo.generate(model, prompts, G, 16, 1.0, 1.0, EOS, torch.Generator().manual_seed(0))
     assert len(seen[-1]) < len(seen[0])  # rows left the batch
     assert any(len({len(c) for c in completions[i:i + G]}) > 1 for i in range(0, len(completions), G))
     for i, c in enumerate(completions):
         for t in range(len(c)):
-            want = model(torch.tensor([PROMPTS[i // G] + c[:t]])).logits[0, -1]
+            want = model(torch.tensor([prompts[i // G] + c[:t]])).logits[0, -1]
             assert (seen[t] - want).abs().max(-1).values.min() < 1e-10  # one of step t's rows is row i
 
 
