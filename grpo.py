@@ -45,6 +45,7 @@ import random
 import signal
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -313,27 +314,49 @@ class FrozenLinear(nn.Module):
         return packed_linear(x, self.packed, self.bias)
 
 
+def frozen_weight(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A linear or LoRA layer's weight and bias as they stand (the adapter merged in, unless switched off)."""
+    lora = isinstance(layer, LoRALinear)
+    weight = layer.merged_weight() if lora and layer.enabled else layer.base.weight if lora else layer.weight
+    bias = (layer.base if lora else layer).bias
+    return weight.detach(), None if bias is None else bias.detach()
+
+
+def fused_mlp(self, x):
+    """An MLP's forward while sampling: its gate and up projections as one product (~1.05x a whole sampling step)."""
+    gate, up = self.gate_up(x).chunk(2, dim=-1)
+    return self.down_proj(self.act_fn(gate) * up)
+
+
 @contextlib.contextmanager
 def frozen_linears(model: nn.Module, rows: int, training: bool = False):
     """Sampling (no gradients): every linear layer, the vocabulary projection included, becomes a FrozenLinear;
-    a LoRA layer's adapter is merged into its copy (one matmul instead of three). Training: the frozen base of
-    each LoRA layer does (gradients flow to its input); the adapter trains as before. The copies are freed and
+    a LoRA layer's adapter is merged into its copy (one matmul instead of three); an MLP of the form
+    down(act(gate(x)) * up(x)) multiplies by gate and up at once. Training: the frozen base of each LoRA layer
+    becomes a FrozenLinear (gradients flow to its input); the adapter trains as before. The copies are freed and
     the original layers put back on exit; the adapter is untouched."""
+    mlps = [] if training else [m for m in model.modules()
+                                if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))]
+    fused = {id(layer) for m in mlps for layer in (m.gate_proj, m.up_proj)}
     if training:
         swaps = [(m, "base", m.base) for m in model.modules() if isinstance(m, LoRALinear)]
     else:
         swaps = [(parent, name, child) for parent in model.modules() if not isinstance(parent, LoRALinear)
-                 for name, child in parent.named_children() if isinstance(child, (nn.Linear, LoRALinear))]
+                 for name, child in parent.named_children()
+                 if isinstance(child, (nn.Linear, LoRALinear)) and id(child) not in fused]
     for parent, name, child in swaps:
-        lora = isinstance(child, LoRALinear)
-        weight = child.merged_weight() if lora and child.enabled else child.base.weight if lora else child.weight
-        bias = (child.base if lora else child).bias
-        setattr(parent, name, FrozenLinear(weight.detach(), None if bias is None else bias.detach(), rows, training))
+        setattr(parent, name, FrozenLinear(*frozen_weight(child), rows, training))
+    for m in mlps:
+        (w_gate, b_gate), (w_up, b_up) = frozen_weight(m.gate_proj), frozen_weight(m.up_proj)
+        m.gate_up = FrozenLinear(torch.cat([w_gate, w_up]), None if b_gate is None else torch.cat([b_gate, b_up]), rows)
+        m.forward = types.MethodType(fused_mlp, m)  # this instance only, until exit
     try:
         yield
     finally:
         for parent, name, child in swaps:
             setattr(parent, name, child)
+        for m in mlps:
+            del m.gate_up, m.forward
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -52,12 +52,15 @@ def test_sampling_with_an_adapter_merges_it_and_matches_the_unmerged_model(tiny)
     q_proj, lm_head = tiny.model.layers[0].self_attn.q_proj, tiny.lm_head
     seen = []  # the linear layers that run while sampling: FrozenLinear copies only
     handle = torch.nn.modules.module.register_module_forward_pre_hook(
-        lambda m, a: seen.append(type(m).__name__) if isinstance(m, (torch.nn.Linear, grpo.LoRALinear,
-                                                                      grpo.FrozenLinear)) else None)
+        lambda m, a: seen.append(m) if isinstance(m, (torch.nn.Linear, grpo.LoRALinear, grpo.FrozenLinear)) else None)
     ours, _ = grpo.generate(tiny, PROMPTS, 1, 24, 0.0, 1.0, EOS)
     handle.remove()
-    assert seen and set(seen) == {"FrozenLinear"}
+    assert seen and {type(m).__name__ for m in seen} == {"FrozenLinear"}
+    shapes = [tuple(m.weight.shape) for m in seen]  # (out, in); an MLP's gate and up run as one (2 * 128, 64)
+    assert shapes.count((256, 64)) == shapes.count((64, 128)) > 0 and (128, 64) not in shapes[:6]
+    mlp = tiny.model.layers[0].mlp
     assert tiny.model.layers[0].self_attn.q_proj is q_proj and tiny.lm_head is lm_head  # put back
+    assert "forward" not in vars(mlp) and not hasattr(mlp, "gate_up")
     assert ours == [greedy_full_recompute(tiny, p, 24) for p in PROMPTS]  # the unmerged adapter, token for token
 
 
