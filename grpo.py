@@ -448,9 +448,9 @@ from transformers.cache_utils import Cache, DynamicLayer  # noqa: E402
 def attend(q, k, v, scale: float, bias=None, fused: bool | None = None):
     """softmax(q k^T * scale + bias) v, and the log-sum-exp of each query's scores (what merging two parts of one
     attention needs). On CPU: the flash-attention kernel behind F.scaled_dot_product_attention, which returns both."""
-    if fused if fused is not None else q.device.type == "cpu":
+    if q.device.type == "cpu" if fused is None else fused:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
-    s = upcast(q @ k.transpose(-1, -2)) * scale
+    s = upcast(q) @ upcast(k).transpose(-1, -2) * scale  # scores and softmax in fp32 at least, as SDPA keeps them
     s = s if bias is None else s + bias
     lse = s.logsumexp(-1)
     return (s - lse[..., None]).exp().to(v.dtype) @ v, lse
