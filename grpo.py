@@ -437,9 +437,10 @@ def load_model(name: str, device: str, dtype: torch.dtype):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sampler. The prompts of a rollout are left-padded and prefilled once. While decoding, each layer's cache holds
-# the prompts' keys/values once (from the prefill) and the completions' keys/values in a preallocated buffer
-# written in place; attention reads a prompt's keys once for all its G samples, not G times.
+# Sampler. The prefix all prompts share (system prompt, chat template) is prefilled once, then each prompt's own
+# tokens, left-padded. While decoding, each layer's cache holds the prompts' keys/values once (from the prefill)
+# and the completions' keys/values in a preallocated buffer written in place; attention reads a prompt's keys
+# once for all its G samples, not G times.
 
 from transformers import AttentionInterface  # noqa: E402
 from transformers.cache_utils import Cache, DynamicLayer  # noqa: E402
