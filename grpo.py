@@ -506,7 +506,8 @@ def shared_prompt_attention(module, q, k, v, attention_mask, scaling: float, sha
     per prompt with the queries of all its G samples (query head h reads key head h // (heads / key heads))."""
     cache, layer = shared_prompt, shared_prompt.layers[module.layer_idx]
     if kwargs.get("softcap") or (kwargs.get("sliding_window") or math.inf) < k.shape[2] + layer.prompt_k.shape[2]:
-        raise ValueError("the sampler supports neither attention logit soft-capping nor a sliding window")
+        raise ValueError(f"{type(module).__name__}: the sampler supports neither attention logit soft-capping nor a "
+                         "sliding window shorter than prompt + completion; use a model without them")
     n, H, _, D = q.shape  # one new token per row
     B, KV, _, _ = layer.prompt_k.shape
     R, G = H // KV, cache.G

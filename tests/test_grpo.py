@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import grpo
-from conftest import EOS, padded_sequences, tiny_model
+from conftest import COMMON, EOS, padded_sequences, tiny_model
 
 PROMPTS = [[1, 5, 9, 17, 33], [1, 44], [1, 7, 7, 90, 12, 3, 60, 61]]  # different lengths: left padding matters
 
@@ -125,6 +125,15 @@ def test_every_row_samples_from_the_full_model_s_logits_while_rows_leave_the_bat
         for t in range(len(c)):
             want = model(torch.tensor([prompts[i // G] + c[:t]])).logits[0, -1]
             assert (seen[t] - want).abs().max(-1).values.min() < 1e-10  # one of step t's rows is row i
+
+
+def test_a_sliding_window_shorter_than_the_sequence_is_refused_not_ignored():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16, use_sliding_window=True, sliding_window=4,
+                                         max_window_layers=0)).eval()
+    with pytest.raises(ValueError, match="sliding window"):
+        grpo.generate(model, PROMPTS, 1, 8, 0.0, 1.0, EOS)
 
 
 def test_attention_kernel_and_plain_computation_agree():
