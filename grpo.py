@@ -25,14 +25,15 @@ reasoning-gym's verifier. One training step:
 4. Log a line, evaluate held-out accuracy every `eval_interval` steps (greedy), checkpoint.
 
 Choices worth knowing: old log-probs are recomputed by the training forward pass (same code, same
-minibatches), so on the first minibatch the ratio is exactly 1; the reference model for the KL is the
-same model with LoRA switched off (no second copy); the buffer stores sequences unpadded and pads each
-minibatch only to its own longest sequence; a minibatch runs each of its prompts once and the completions
-read that prompt's keys and values (in the sampler too: a prompt's keys are stored and read once for its G
-samples, and the prefix all prompts share is prefilled once); samples with zero advantage (and no KL term) have no gradient and are not run at all; log-probs are
-computed only at completion positions, in chunks, so no (tokens x vocabulary) tensor for the whole batch
-ever exists; on CPU in fp32, weights that stay fixed for a while (all of them while sampling, LoRA's base
-weights while training) are multiplied in oneDNN's packed layout.
+minibatches), so on the first minibatch the ratio is exactly 1; the reference model for the KL is the same
+model with LoRA switched off (no second copy); the buffer stores sequences unpadded and pads each minibatch
+only to its own longest sequence; a minibatch runs each of its prompts once and the completions read that
+prompt's keys and values (in the sampler too: a prompt's keys are stored and read once for its G samples,
+and the prefix all prompts share is prefilled once); samples with zero advantage (and no KL term) have no
+gradient and are not run at all; log-probs are computed only at completion positions, in chunks, so no
+(tokens x vocabulary) tensor for the whole batch ever exists; on CPU in fp32, weights that stay fixed for a
+while (all of them while sampling, LoRA's base weights while training) are multiplied in oneDNN's packed
+layout.
 """
 import argparse
 import contextlib
