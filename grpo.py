@@ -323,6 +323,22 @@ def frozen_weight(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight.detach(), None if bias is None else bias.detach()
 
 
+GATED_MLP: dict[type, bool] = {}  # MLP class -> whether its forward is down(act(gate(x)) * up(x))
+
+
+def is_gated_mlp(m: nn.Module) -> bool:
+    """Whether fused_mlp may stand in for this module's forward: its class is checked once, on a random input."""
+    if not all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return False
+    if type(m) not in GATED_MLP:
+        w = frozen_weight(m.gate_proj)[0]
+        x = torch.randn(2, w.shape[1], dtype=w.dtype, device=w.device,
+                        generator=torch.Generator(w.device).manual_seed(0))  # the global RNG stays untouched
+        with torch.no_grad():
+            GATED_MLP[type(m)] = torch.allclose(m(x), m.down_proj(m.act_fn(m.gate_proj(x)) * m.up_proj(x)))
+    return GATED_MLP[type(m)]
+
+
 def fused_mlp(self, x):
     """An MLP's forward while sampling: its gate and up projections as one product (~1.03x a whole sampling step)."""
     gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -336,8 +352,7 @@ def frozen_linears(model: nn.Module, rows: int, training: bool = False):
     down(act(gate(x)) * up(x)) multiplies by gate and up at once. Training: the frozen base of each LoRA layer
     becomes a FrozenLinear (gradients flow to its input); the adapter trains as before. The copies are freed and
     the original layers put back on exit; the adapter is untouched."""
-    mlps = [] if training else [m for m in model.modules()
-                                if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))]
+    mlps = [] if training else [m for m in model.modules() if is_gated_mlp(m)]
     fused = {id(layer) for m in mlps for layer in (m.gate_proj, m.up_proj)}
     if training:
         swaps = [(m, "base", m.base) for m in model.modules() if isinstance(m, LoRALinear)]

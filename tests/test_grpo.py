@@ -64,6 +64,22 @@ def test_sampling_with_an_adapter_merges_it_and_matches_the_unmerged_model(tiny)
     assert ours == [greedy_full_recompute(tiny, p, 24) for p in PROMPTS]  # the unmerged adapter, token for token
 
 
+def test_an_mlp_of_another_form_is_not_fused(tiny):
+    class SwappedMLP(torch.nn.Module):  # the attribute names of a gated MLP, another computation
+        def __init__(self, mlp):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
+
+    for layer in tiny.model.layers:
+        layer.mlp = SwappedMLP(layer.mlp)
+    ours, _ = grpo.generate(tiny, PROMPTS, 1, 16, 0.0, 1.0, EOS)
+    assert not grpo.GATED_MLP[SwappedMLP] and grpo.is_gated_mlp(tiny_model("llama").model.layers[0].mlp)
+    assert ours == [greedy_full_recompute(tiny, p, 16) for p in PROMPTS]
+
+
 def test_packed_weights_are_used_on_x86_64():
     """Else the packed-weight tests below would only cover the F.linear fallback."""
     if platform.machine() in ("x86_64", "AMD64"):
