@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import grpo
+import packed
 from conftest import COMMON, EOS, padded_sequences, tiny_model
 
 PROMPTS = [[1, 5, 9, 17, 33], [1, 44], [1, 7, 7, 90, 12, 3, 60, 61]]  # different lengths: left padding matters
@@ -52,7 +53,7 @@ def test_sampling_with_an_adapter_merges_it_and_matches_the_unmerged_model(tiny)
     q_proj, lm_head = tiny.model.layers[0].self_attn.q_proj, tiny.lm_head
     seen = []  # the linear layers that run while sampling: FrozenLinear copies only
     handle = torch.nn.modules.module.register_module_forward_pre_hook(
-        lambda m, a: seen.append(m) if isinstance(m, (torch.nn.Linear, grpo.LoRALinear, grpo.FrozenLinear)) else None)
+        lambda m, a: seen.append(m) if isinstance(m, (torch.nn.Linear, grpo.LoRALinear, packed.FrozenLinear)) else None)
     ours, _ = grpo.generate(tiny, PROMPTS, 1, 24, 0.0, 1.0, EOS)
     handle.remove()
     assert seen and {type(m).__name__ for m in seen} == {"FrozenLinear"}
@@ -83,7 +84,7 @@ def test_an_mlp_of_another_form_is_not_fused(tiny):
 def test_packed_weights_are_used_on_x86_64():
     """Else the packed-weight tests below would only cover the F.linear fallback."""
     if platform.machine() in ("x86_64", "AMD64"):
-        assert grpo.packing_works()
+        assert packed.packing_works()
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
@@ -99,8 +100,8 @@ def test_packed_fp32_sampling_matches_the_unpacked_model(kind):
     with torch.no_grad():
         expected = [attn.q_proj(x), attn.k_proj(x), model.lm_head(x)]  # LoRA, plain, vocabulary projection
         with grpo.frozen_linears(model, 3):
-            frozen = [m for m in model.modules() if isinstance(m, grpo.FrozenLinear)]
-            assert frozen and all(m.packed is not None for m in frozen) == grpo.packing_works()
+            frozen = [m for m in model.modules() if isinstance(m, packed.FrozenLinear)]
+            assert frozen and all(m.packed is not None for m in frozen) == packed.packing_works()
             for want, got in zip(expected, [attn.q_proj(x), attn.k_proj(x), model.lm_head(x)]):
                 assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
     ours, _ = grpo.generate(model, PROMPTS, 1, 24, 0.0, 1.0, EOS)
@@ -291,23 +292,23 @@ def test_training_through_packed_base_weights_gives_the_same_loss_and_gradient()
     params = [p for p in model.parameters() if p.requires_grad]
     bases = [m.base for m in model.modules() if isinstance(m, grpo.LoRALinear)]
 
-    def grads(packed):
+    def grads(use_packed):
         model.zero_grad()
-        with grpo.frozen_linears(model, 16, training=True) if packed else contextlib.nullcontext():
-            if packed:
+        with grpo.frozen_linears(model, 16, training=True) if use_packed else contextlib.nullcontext():
+            if use_packed:
                 frozen = [m.base for m in model.modules() if isinstance(m, grpo.LoRALinear)]
-                assert all(isinstance(f, grpo.FrozenLinear) for f in frozen)
-                assert all(f.packed_t is not None for f in frozen) == grpo.packing_works()
+                assert all(isinstance(f, packed.FrozenLinear) for f in frozen)
+                assert all(f.packed_t is not None for f in frozen) == packed.packing_works()
             loss, _ = grpo.accumulate_gradients(model, [buffer], cfg, EOS, "cpu")
             for s in buffer:
                 s["old_logp"] = None
         return loss, [p.grad.clone() for p in params]
 
     plain_loss, plain = grads(False)
-    packed_loss, packed = grads(True)
+    packed_loss, packed_grads = grads(True)
     assert [m.base for m in model.modules() if isinstance(m, grpo.LoRALinear)] == bases  # put back
     assert abs(plain_loss - packed_loss) < 1e-5
-    for a, b in zip(plain, packed):
+    for a, b in zip(plain, packed_grads):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-6), (a - b).abs().max()
 
 
