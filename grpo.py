@@ -904,6 +904,22 @@ def accumulate_gradients(model, group: list[list[dict]], cfg: Config, pad_id: in
     return total, clip_fracs
 
 
+def optimizer_step(optimizer, params: list, grad_clip: float) -> float:
+    """Sum the gradients over processes (one sync per optimizer step), clip them and step; no step if their norm
+    is not finite: one bad batch must not poison the weights (the verdict is the same on every rank). Returns
+    the norm."""
+    if dist.is_initialized():
+        flat = all_sum(torch.cat([torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten()
+                                  for p in params]))
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = g.view_as(p)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")).item()
+    if math.isfinite(norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
 def update(model, optimizer, buffer: list[dict], cfg: Config, pad_id: int, generator, device) -> dict:
     """ppo_epochs passes of shuffled minibatches over the buffer; an optimizer step every
     gradient_accumulation_steps minibatches (the last step of a pass may have fewer)."""
@@ -924,24 +940,15 @@ def update(model, optimizer, buffer: list[dict], cfg: Config, pad_id: int, gener
             for i in range(0, len(minibatches), cfg.gradient_accumulation_steps):
                 group = minibatches[i:i + cfg.gradient_accumulation_steps]
                 loss, clip_fracs = accumulate_gradients(model, group, cfg, pad_id, device)
-                if dist.is_initialized():  # one gradient sync per optimizer step: every process gets the sum
-                    flat = all_sum(torch.cat([torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten()
-                                              for p in params]))
-                    for p, g in zip(params, flat.split([p.numel() for p in params])):
-                        p.grad = g.view_as(p)
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                norm = optimizer_step(optimizer, params, cfg.grad_clip)
                 bar.update(len(group))
-                if not torch.isfinite(norm):  # one bad batch must not poison the weights (same verdict on every rank)
-                    optimizer.zero_grad(set_to_none=True)
+                if not math.isfinite(norm):
                     skipped += 1
-                    tqdm.write(f"non-finite loss or gradient (loss {loss}, grad norm {norm.item()}): "
-                               "optimizer step skipped")
+                    tqdm.write(f"non-finite loss or gradient (loss {loss}, grad norm {norm}): optimizer step skipped")
                     continue
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
                 losses.append(all_sum(torch.tensor(loss)).item())
                 clips += clip_fracs
-                norms.append(norm.item())
+                norms.append(norm)
         bar.close()
     model.eval()  # the sampler needs its KV cache, which HF turns off in train mode with checkpointing
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
