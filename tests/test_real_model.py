@@ -67,7 +67,7 @@ def test_bench_json_reports_every_figure_the_readme_quotes():
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     for key in ["matmul_gflops", "sampler_tok_s", "hf_generate_tok_s", "sampler_vs_hf", "sampler_vs_limit",
-                "train_tok_s", "train_vs_limit", "grpo_step_s", "peak_rss_mb"]:
+                "train_tok_s", "train_vs_limit", "grpo_step_s", "peak_rss_mb", "sampler_default_rows_tok_s"]:
         assert r[key] > 0, key
     assert r["grpo_step_s"] == r["grpo_rollout_s"] + r["grpo_update_s"]
     assert r["sampler_vs_hf"] == r["sampler_tok_s"] / r["hf_generate_tok_s"]

@@ -93,6 +93,14 @@ def test_training_questions_skip_the_eval_questions(monkeypatch):
     assert [s["question"] for s in buffer[::2]] == ["q1", "q3"] and index == 4
 
 
+def test_the_last_rollout_draws_only_the_questions_the_buffer_still_needs(monkeypatch):
+    monkeypatch.setattr(grpo, "rollout", fake_rollout([[1, 0]]))
+    cfg = dataclasses.replace(grpo.Config(), exploration_batchsize=4, G=2, buffer_size=11)
+    buffer, sampled, index, stats = grpo.fill_buffer(None, None, ListTask(entry(i) for i in range(100)), set(), 0,
+                                                     None, cfg, None, "test")
+    assert len(buffer) == len(sampled) == 12 and index == 6 and stats["rollouts"] == 2  # 4 questions, then 2
+
+
 @pytest.mark.parametrize("length, penalty", [(10, 0.0), (250, 0.0), (275, -0.5), (300, -1.0)])
 def test_overlong_penalty_ramps_down_in_the_last_tokens(length, penalty):
     assert R.overlong_penalty(length, 300, 50) == pytest.approx(penalty)
