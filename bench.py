@@ -170,7 +170,7 @@ def main():
                                                               "reward)" if r["grpo_synthetic_advantages"] else "")),
             ("peak RSS", f"{r['peak_rss_mb']:.0f} MB", "")]
     for name, value, note in rows:
-        print(f"{name:<15} {value:>14}   {note}")
+        print(f"{name:<17} {value:>12}   {note}")
 
 
 if __name__ == "__main__":

@@ -501,25 +501,30 @@ def attention_implementation(model, name: str):
 
 
 def sample_next(logits, temperature, top_p, generator):
-    """Next token ids (N,) from logits (N, V): greedy when temperature == 0, else exact top-p sampling."""
+    """Next token ids (N,) from logits (N, V): greedy when temperature == 0, else exact top-p sampling.
+    Overwrites fp32 logits with unnormalized probabilities: a new (N, V) tensor per step costs more than the
+    arithmetic (fresh memory is faulted in page by page)."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(upcast(logits) / temperature, dim=-1)
+    logits = upcast(logits)
+    w = logits.sub_(logits.amax(-1, keepdim=True)).mul_(1 / temperature).exp_()  # exp((logits - max) / T)
     if top_p >= 1.0:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    return sample_nucleus(probs, top_p, generator)
+        return torch.multinomial(w, 1, generator=generator).squeeze(1)
+    return sample_nucleus(w, w.sum(-1, keepdim=True), top_p, generator)
 
 
-def sample_nucleus(probs, top_p: float, generator, k: int = 64):
-    """The nucleus almost always lies within the top 64 tokens: sort only those. The rare rows whose nucleus is
-    wider are drawn again from 8x as many candidates (only those rows), until it fits."""
-    p, idx = probs.topk(min(k, probs.shape[-1]), dim=-1)  # (N, k), sorted descending
+def sample_nucleus(w, z, top_p: float, generator, k: int = 64):
+    """Top-p from weights w (N, V) summing to z (N, 1). The nucleus almost always lies within the top 64 tokens:
+    sort only those. The rare rows whose nucleus is wider are drawn again from 8x as many candidates (only those
+    rows), until it fits."""
+    p, idx = w.topk(min(k, w.shape[-1]), dim=-1)  # (N, k), sorted descending
+    p = p / z
     cum = p.cumsum(-1)
     p = p * ((cum - p) < top_p)  # keep a token while the mass before it is still short of top_p
     tokens = idx.gather(-1, torch.multinomial(p, 1, generator=generator)).squeeze(1)
     wide = cum[:, -1] < top_p
-    if k < probs.shape[-1] and bool(wide.any()):
-        tokens[wide] = sample_nucleus(probs[wide], top_p, generator, 8 * k)
+    if k < w.shape[-1] and bool(wide.any()):
+        tokens[wide] = sample_nucleus(w[wide], z[wide], top_p, generator, 8 * k)
     return tokens
 
 
