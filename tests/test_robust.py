@@ -156,3 +156,23 @@ def test_torchrun_runs_grpo_with_two_processes(tiny_model_dir, tmp_path):
     assert [row["step"] for row in steps(out)] == [0, 1, 2]  # written once, by the first process
     assert steps(out)[1]["n_samples"] == 4
     assert r.stdout.count("step 2/2") == 1
+
+
+FAULTS = """
+import resource, sys, torch, grpo
+if sys.argv[1] == "keep":
+    grpo.keep_freed_memory()
+for _ in range(2):  # 40 blocks of 4 MB (a minibatch's activations) written, all freed, and again: count the again
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [torch.empty(2**20).fill_(1.0) for _ in range(40)]
+    del blocks
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_memory_freed_after_a_step_is_kept_not_faulted_in_again():
+    faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS, mode], cwd=ROOT, capture_output=True, text=True,
+                                       check=True).stdout.split()[-1]) for mode in ("default", "keep")}
+    assert faults["default"] > 20000  # the 160 MB given back to the OS, then faulted in again 4 KB at a time
+    assert faults["keep"] < faults["default"] / 10
