@@ -1,7 +1,6 @@
 """sample.py: export a merged model that plain transformers loads, and the adapter in PEFT's layout."""
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 
