@@ -521,8 +521,8 @@ def attention_implementation(model, name: str):
 
 def sample_next(logits, temperature, top_p, generator):
     """Next token ids (N,) from logits (N, V): greedy when temperature == 0, else exact top-p sampling.
-    Overwrites fp32 logits with unnormalized probabilities: a new (N, V) tensor per step costs more than the
-    arithmetic (fresh memory is faulted in page by page)."""
+    Overwrites the logits (fp32 or wider) with unnormalized probabilities: a new (N, V) tensor per step costs more
+    than the arithmetic (fresh memory is faulted in page by page)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = upcast(logits)

@@ -134,7 +134,8 @@ def test_every_row_samples_from_the_full_model_s_logits_while_rows_leave_the_bat
     assert grpo.common_prefix(prompts) == (1 if prompts is PROMPTS else 4)
     model, G, seen = any_tiny_model, 4, []
     sample_next = grpo.sample_next
-    monkeypatch.setattr(grpo, "sample_next", lambda logits, *args: seen.append(logits.clone()) or sample_next(logits, *args))
+    record = lambda logits, *args: seen.append(logits.clone()) or sample_next(logits, *args)  # sampling overwrites
+    monkeypatch.setattr(grpo, "sample_next", record)
     completions, _ = grpo.generate(model, prompts, G, 16, 1.0, 1.0, EOS, torch.Generator().manual_seed(0))
     assert len(seen[-1]) < len(seen[0])  # rows left the batch
     assert any(len({len(c) for c in completions[i:i + G]}) > 1 for i in range(0, len(completions), G))
