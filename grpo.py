@@ -784,10 +784,11 @@ def rollout(model, tok, entries: list[dict], score_fn, cfg: Config, generator, p
 
 
 def fill_buffer(model, tok, task, held_out: set, data_index: int, pool, cfg: Config, generator, desc: str):
-    """Rollouts until the buffer holds buffer_size samples (over all processes; the last rollout draws only the
-    questions still needed, so the buffer holds G * ceil(buffer_size / G)). Questions come in order from the
-    task, or from the curriculum pool. With dynamic sampling, groups that are all right or all wrong carry no
-    gradient and are dropped, and more rollouts are made, up to dynamic_sampling_bound times the usual number.
+    """Rollouts until the buffer holds buffer_size samples (over all processes; without dynamic sampling the last
+    rollout draws only the questions still needed, rounded up to a multiple of the number of processes: buffer 500
+    at G = 6 holds 504). Questions come in order from the task, or from the curriculum pool. With dynamic
+    sampling, groups that are all right or all wrong carry no gradient and are dropped, and more rollouts are made,
+    up to dynamic_sampling_bound times the usual number.
     Returns (buffer, every sample drawn, the next data index, stats)."""
     rank, world = rank_world()
     per_rollout = cfg.exploration_batchsize * cfg.G
