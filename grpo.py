@@ -1234,3 +1234,5 @@ def main(cfg: Config):
 
 if __name__ == "__main__":
     main(parse_config())
+    if dist.is_initialized():  # under torchrun: leave the group, or gloo's threads can abort the process at exit
+        dist.destroy_process_group()

@@ -32,3 +32,5 @@ stats = grpo.update(model, opt, buffer[rank::world], cfg, EOS, torch.Generator()
 assert stats["optimizer_steps"] == 1
 if rank == 0:
     torch.save(grpo.trainable_state_dict(model), sys.argv[1])
+if dist.is_initialized():
+    dist.destroy_process_group()
