@@ -175,4 +175,6 @@ def test_memory_freed_after_a_step_is_kept_not_faulted_in_again():
     faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS, mode], cwd=ROOT, capture_output=True, text=True,
                                        check=True).stdout.split()[-1]) for mode in ("default", "keep")}
     assert faults["default"] > 20000  # the 160 MB given back to the OS, then faulted in again 4 KB at a time
-    assert faults["keep"] < faults["default"] / 10
+    # Kept: 0-1024 faults here, 6144 once on another machine (small allocations between the blocks shift a few of
+    # them past the first round's top); without keep_freed_memory it would be all 160 MB again.
+    assert faults["keep"] < faults["default"] / 4
