@@ -2,8 +2,8 @@
 GRPO from scratch: teach a small language model to think before it answers, with reinforcement learning
 from verifiable rewards. One file, read top to bottom.
 
-    python grpo.py                                    # SmolLM2-135M-Instruct (bundled, offline), syllogism
-    python grpo.py --init_from out-sft/ckpt.pt        # start from the SFT warmup's LoRA adapter
+    python sft.py                                     # first, the warmup: the format, from worked examples
+    python grpo.py --init_from out-sft/ckpt.pt        # SmolLM2-135M-Instruct (bundled, offline) + that adapter, syllogism
     python grpo.py --eval_only --init_from out/ckpt.pt
     python grpo.py --help                             # every flag, its default and meaning
 
@@ -65,6 +65,8 @@ SYSTEM_PROMPT = (
     "<think> reasoning here </think> <answer> answer here </answer>."
 )
 EVAL_SEED = 10**9  # the held-out questions: a seed far from any training seed, the same set in every run
+NO_FORMAT = ("a model that never writes the tags gives GRPO nothing to learn from (every reward the same): warm it up "
+             "first with python sft.py, then --init_from out-sft/ckpt.pt")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1183,9 +1185,12 @@ def main(cfg: Config):
         return metrics
 
     if cfg.eval_only or step == 0:
-        write_log({"step": step, **run_eval()})
+        metrics = run_eval()
+        write_log({"step": step, **metrics})
         if cfg.eval_only:
             return
+        if metrics["eval_format_rate"] == 0:
+            tqdm.write(f"eval: no answer was well-formed; {NO_FORMAT}")
 
     stop = []  # SIGTERM (preemption) or Ctrl-C: finish the step, checkpoint, exit; a second one stops at once
 
@@ -1214,6 +1219,8 @@ def main(cfg: Config):
                    f"correct {row['correct_rate']:.2f} | format {row['format_rate']:.2f} | "
                    f"len {row['completion_len_mean']:.0f} | clip {row['clip_frac']:.2f} | loss {row['loss']:.4f} | "
                    f"{step_s:.1f}s")
+        if row["format_rate"] == 0:
+            tqdm.write(f"step {step}: no completion was well-formed; {NO_FORMAT}")
         if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
             row.update(run_eval())
         write_log(row)
@@ -1233,6 +1240,8 @@ def main(cfg: Config):
 
 
 if __name__ == "__main__":
-    main(parse_config())
-    if dist.is_initialized():  # under torchrun: leave the group, or gloo's threads can abort the process at exit
-        dist.destroy_process_group()
+    try:
+        main(parse_config())
+    finally:
+        if dist.is_initialized():  # under torchrun: leave the group, or gloo's threads can abort the process at exit
+            dist.destroy_process_group()

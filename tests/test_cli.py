@@ -81,6 +81,14 @@ def test_a_training_run_logs_every_step_checkpoints_and_resumes(tiny_model_dir, 
     assert torch.load(out / "ckpt.pt", weights_only=False)["data_index"] > ckpt["data_index"]
 
 
+def test_a_model_that_never_writes_the_tags_is_told_to_warm_up_first(tiny_model_dir, tmp_path, capsys):
+    grpo.main(small_config(tiny_model_dir, tmp_path / "run", max_steps=1))  # a random model: no tags, ever
+    out = capsys.readouterr().out
+    assert "eval: no answer was well-formed; " + grpo.NO_FORMAT in out
+    assert "step 1: no completion was well-formed; " + grpo.NO_FORMAT in out
+    assert "python sft.py" in grpo.NO_FORMAT and read_log(tmp_path / "run")[1]["format_rate"] == 0
+
+
 def test_eval_only_from_a_checkpoint_reports_the_same_accuracy(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     grpo.main(small_config(tiny_model_dir, out, max_steps=1))
