@@ -656,7 +656,10 @@ class PromptLayer(DynamicLayer):
 def enable_grad_checkpointing(model) -> None:
     """--grad_checkpoint: each layer is recomputed in backward (HF does this in train mode). The completion pass
     keeps its prompt cache through the checkpoint: PromptLayer only reads, which is what HF's flag asks."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # the name in newer transformers; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for layer in model.model.layers:
         if not hasattr(layer, "_can_checkpoint_with_cache"):
             fail("--grad_checkpoint needs a newer transformers (pip install -U transformers): this one would "
