@@ -110,6 +110,7 @@ class Config:
     gradient_accumulation_steps: int = opt(12, "minibatches per optimizer step")
     ppo_epochs: int = opt(1, "passes over the buffer per step")
     learning_rate: float = opt(5e-5, "AdamW learning rate")
+    warmup_steps: int = opt(10, "the learning rate rises linearly to its value over this many optimizer steps (0: none)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0: no clipping)")
     eps_low: float = opt(0.2, "PPO clip: ratio kept above 1 - eps_low")
@@ -175,8 +176,9 @@ def check_config(cfg: Config):
         fail(f"--top_p {cfg.top_p}: must be in (0, 1]")
     if cfg.temperature <= 0:
         fail(f"--temperature {cfg.temperature}: must be > 0 (the log-probs divide by it)")
-    if cfg.learning_rate < 0:
-        fail(f"--learning_rate {cfg.learning_rate}: must be >= 0")
+    for name in ("learning_rate", "warmup_steps"):
+        if getattr(cfg, name) < 0:
+            fail(f"--{name} {getattr(cfg, name)}: must be >= 0")
     for name in ("max_new_tokens", "exploration_batchsize", "batch_size", "gradient_accumulation_steps",
                  "ppo_epochs", "buffer_size", "eval_size", "save_interval"):
         if getattr(cfg, name) < 1:
@@ -938,6 +940,18 @@ def accumulate_gradients(model, group: list[list[dict]], cfg: Config, pad_id: in
     return total, clip_fracs
 
 
+def warmup_lr(optimizer, params: list, lr: float, warmup_steps: int) -> float:
+    """Set and return the learning rate of the next optimizer step: lr * k / warmup_steps for the k-th of the first
+    warmup_steps, then lr. AdamW's first steps move every weight by about lr whatever the gradient (its moment
+    estimates start from a single gradient); at full size they can make a near-deterministic policy fully
+    deterministic in one step. The count is the optimizer's own, so --resume continues the ramp."""
+    state = optimizer.state.get(params[0], {})
+    k = int(state["step"]) + 1 if "step" in state else 1
+    for group in optimizer.param_groups:
+        group["lr"] = lr * min(1.0, k / warmup_steps) if warmup_steps else lr
+    return optimizer.param_groups[0]["lr"]
+
+
 def optimizer_step(optimizer, params: list, grad_clip: float) -> float:
     """Sum the gradients over processes (one sync per optimizer step), clip them and step; no step if their norm
     is not finite: one bad batch must not poison the weights (the verdict is the same on every rank). Returns
@@ -959,7 +973,8 @@ def update(model, optimizer, buffer: list[dict], cfg: Config, pad_id: int, gener
     gradient_accumulation_steps minibatches (the last step of a pass may have fewer)."""
     if not all_sum(torch.tensor(sum(s["advantage"] != 0 for s in buffer))) and not cfg.beta:
         tqdm.write("every advantage in this buffer is 0 (each group's rewards were equal): no update this step")
-        return {"loss": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "optimizer_steps": 0, "skipped_steps": 0}
+        return {"loss": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "optimizer_steps": 0, "skipped_steps": 0,
+                "lr": optimizer.param_groups[0]["lr"]}
     params = [p for p in model.parameters() if p.requires_grad]
     model.train(cfg.grad_checkpoint)  # HF checkpoints layers in train mode only (no dropout in these models)
     local_batch = cfg.batch_size // rank_world()[1]  # each process takes its share of every minibatch
@@ -974,6 +989,7 @@ def update(model, optimizer, buffer: list[dict], cfg: Config, pad_id: int, gener
             for i in range(0, len(minibatches), cfg.gradient_accumulation_steps):
                 group = minibatches[i:i + cfg.gradient_accumulation_steps]
                 loss, clip_fracs = accumulate_gradients(model, group, cfg, pad_id, device)
+                warmup_lr(optimizer, params, cfg.learning_rate, cfg.warmup_steps)
                 norm = optimizer_step(optimizer, params, cfg.grad_clip)
                 bar.update(len(group))
                 if not math.isfinite(norm):
@@ -987,7 +1003,7 @@ def update(model, optimizer, buffer: list[dict], cfg: Config, pad_id: int, gener
     model.eval()  # the sampler needs its KV cache, which HF turns off in train mode with checkpointing
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
     return {"loss": mean(losses), "clip_frac": mean(clips), "grad_norm": mean(norms), "optimizer_steps": len(losses),
-            "skipped_steps": skipped}
+            "skipped_steps": skipped, "lr": optimizer.param_groups[0]["lr"]}
 
 
 # ----------------------------------------------------------------------------------------------------------

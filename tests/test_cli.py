@@ -40,6 +40,7 @@ def expect_usage_error(args, tmp_path) -> str:
     (["--G", "1"], "G must be at least 2"),
     (["--top_p", "1.5"], "top_p 1.5"),
     (["--learning_rate=-1e-5"], "--learning_rate -1e-05: must be >= 0"),
+    (["--warmup_steps=-1"], "--warmup_steps -1: must be >= 0"),
     (["--G", "six"], "argument --G: invalid int value"),
     (["--loss_agg", "mean"], "choose seq, token or dr_grpo"),
 ])

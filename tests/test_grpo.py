@@ -395,6 +395,26 @@ def test_ppo_loss_clips_only_in_the_direction_of_the_advantage():
     assert clipped.tolist() == [1.0, 0.0, 0.0, 1.0]
 
 
+def test_warmup_raises_the_learning_rate_linearly_and_resume_continues_the_ramp():
+    def adam(w):
+        return torch.optim.AdamW([w], lr=1.0, weight_decay=0.0)
+
+    w = torch.nn.Parameter(torch.zeros(1000, dtype=torch.float64))
+    opt, lrs, moves = adam(w), [], []
+    for k in range(5):
+        lrs.append(grpo.warmup_lr(opt, [w], 1e-2, 4))
+        before = w.detach().clone()
+        w.grad = torch.randn(1000, dtype=torch.float64) * 10.0 ** -k  # any size: AdamW's first step is ~lr
+        grpo.optimizer_step(opt, [w], 0.0)
+        moves.append((w.detach() - before).abs().max().item())
+    assert lrs == [2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2]
+    assert abs(moves[0] - 2.5e-3) < 1e-6  # without warmup the first step would move every weight by 1e-2
+    resumed = adam(w)
+    resumed.load_state_dict(opt.state_dict())  # --resume restores the optimizer, and with it the count
+    assert grpo.warmup_lr(resumed, [w], 1e-2, 10) == 6e-3  # the 6th of 10
+    assert grpo.warmup_lr(adam(w), [w], 1e-2, 0) == 1e-2
+
+
 def test_kl_term_is_zero_when_policy_equals_reference_and_positive_otherwise():
     logp = torch.tensor([-1.0, -2.0])
     zero_adv = torch.zeros(2)
