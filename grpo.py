@@ -16,7 +16,8 @@ reasoning-gym's verifier. One training step:
 2. Advantages, per group of G completions of one question: A_i = (r_i - mean(r)) / (std(r) + eps);
    `--scale_rewards none` keeps only the centering (Dr. GRPO). A group of equal rewards gets A = 0.
 3. Update: `ppo_epochs` passes over the buffer in minibatches of `batch_size` (questions in random order, a
-   question's samples together), an AdamW step every `gradient_accumulation_steps` minibatches. Per
+   question's samples together), an AdamW step every `gradient_accumulation_steps` minibatches (its learning
+   rate ramped up linearly over the first `warmup_steps`: AdamW's first steps are full-size whatever the gradient). Per
    completion token, with ratio = exp(logp - old_logp):
        loss_t = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)  (+ beta * KL_k3 to the base model)
    `--loss_agg` says how the token losses add up: `seq` (mean per sequence, then over sequences: DeepSeek),
