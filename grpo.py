@@ -66,6 +66,8 @@ SYSTEM_PROMPT = (
     "<think> reasoning here </think> <answer> answer here </answer>."
 )
 EVAL_SEED = 10**9  # the held-out questions: a seed far from any training seed, the same set in every run
+FEW_MIXED = ("GRPO learns only from groups whose answers differ, so it has little to learn from here: raise "
+             "--temperature, pick a task of middling difficulty for this model, or warm up for fewer epochs")
 NO_FORMAT = ("a model that never writes the tags gives GRPO nothing to learn from (every reward the same): warm it up "
              "first with python sft.py, then --init_from out-sft/ckpt.pt")
 
@@ -127,6 +129,8 @@ class Config:
     max_steps: int = opt(100, "training steps (one step = fill the buffer, then update)")
     eval_interval: int = opt(10, "evaluate every this many steps (0: only before and after training)")
     eval_size: int = opt(200, "held-out questions in each eval")
+    eval_samples: int = opt(0, "also sample this many answers per eval question (at --temperature): mean@k, pass@k, "
+                               "and the share of questions whose answers disagree (0: greedy only)")
     save_interval: int = opt(1, "write out_dir/ckpt.pt every this many steps (and on the last step, SIGTERM, Ctrl-C)")
     eval_only: bool = opt(False, "evaluate and exit")
     resume: bool = opt(False, "continue from out_dir/ckpt.pt")
@@ -177,7 +181,7 @@ def check_config(cfg: Config):
         fail(f"--top_p {cfg.top_p}: must be in (0, 1]")
     if cfg.temperature <= 0:
         fail(f"--temperature {cfg.temperature}: must be > 0 (the log-probs divide by it)")
-    for name in ("learning_rate", "warmup_steps"):
+    for name in ("learning_rate", "warmup_steps", "eval_samples"):
         if getattr(cfg, name) < 0:
             fail(f"--{name} {getattr(cfg, name)}: must be >= 0")
     for name in ("max_new_tokens", "exploration_batchsize", "batch_size", "gradient_accumulation_steps",
@@ -1008,22 +1012,32 @@ def update(model, optimizer, buffer: list[dict], cfg: Config, pad_id: int, gener
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Evaluation: greedy answers to held-out questions
+# Evaluation: greedy answers to held-out questions and, with --eval_samples K, K sampled answers to each
 
 @torch.no_grad()
-def evaluate(model, tok, entries: list[dict], score_fn, max_new_tokens: int, batch: int = 32) -> tuple[dict, list[dict]]:
-    """Greedy answers to `entries` (each process answers its share); accuracy, format rate, lengths."""
+def evaluate(model, tok, entries: list[dict], score_fn, max_new_tokens: int, samples: int = 0, temperature: float = 1.0,
+             top_p: float = 1.0, batch: int = 32) -> tuple[dict, list[dict]]:
+    """Greedy answers to `entries` (each process answers its share): accuracy, format rate, lengths, each accuracy
+    with its standard error. samples = K > 0: also K answers per question sampled at `temperature` (the same seed
+    in every eval, so two checkpoints draw from the same random stream): mean@K, pass@K and the mixed rate, the
+    share of questions whose K answers are neither all right nor all wrong (the questions GRPO learns from)."""
     rank, world = rank_world()
     all_entries, entries, rows = entries, entries[rank::world], []
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(EVAL_SEED + rank)
     for i in progress(iterable=range(0, len(entries), batch), desc="eval"):
         chunk = entries[i:i + batch]
         prompts = [encode_prompt(tok, e["question"]) for e in chunk]
         # greedy: temperature 0 (G = 1 sample per question)
         completions, truncated = generate(model, prompts, 1, max_new_tokens, 0.0, 1.0, tok.eos_token_id)
-        for e, c, tr in zip(chunk, completions, truncated):
+        sampled = generate(model, prompts, samples, max_new_tokens, temperature, top_p, tok.eos_token_id,
+                           generator)[0] if samples else []
+        for j, (e, c, tr) in enumerate(zip(chunk, completions, truncated)):
             text = tok.decode(c, skip_special_tokens=True)
             rows.append(dict(R.score_completion(text, e, score_fn), question=e["question"], reference=e["answer"],
                              text=text, length=len(c), truncated=tr, source=T.source(e)))
+            if samples:
+                texts = [tok.decode(s, skip_special_tokens=True) for s in sampled[j * samples:(j + 1) * samples]]
+                rows[-1]["sampled_correct"] = sum(R.score_completion(t, e, score_fn)["correct"] for t in texts)
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, rows)
@@ -1031,16 +1045,39 @@ def evaluate(model, tok, entries: list[dict], score_fn, max_new_tokens: int, bat
     n = len(rows)
     answers = [str(e["answer"]) for e in all_entries]
     majority = max(answers.count(a) for a in set(answers)) / n
-    metrics = {"eval_accuracy": sum(r["correct"] for r in rows) / n,
+    metrics = {**rate("eval_accuracy", [r["correct"] for r in rows]),
                "eval_format_rate": sum(r["format"] for r in rows) / n,
                "eval_len_mean": sum(r["length"] for r in rows) / n,
                "eval_truncated_rate": sum(r["truncated"] for r in rows) / n,
                "eval_majority_rate": majority}
+    if samples:
+        k = [r["sampled_correct"] for r in rows]
+        metrics.update(eval_samples=samples, **rate("eval_mean_at_k", [c / samples for c in k]),
+                       **rate("eval_pass_at_k", [c > 0 for c in k]),
+                       eval_mixed_rate=sum(0 < c < samples for c in k) / n)
     sources = sorted({r["source"] for r in rows})
     for src in sources if len(sources) > 1 else []:  # a mix of tasks: accuracy on each
         mine = [r for r in rows if r["source"] == src]
         metrics[f"eval_accuracy/{src}"] = sum(r["correct"] for r in mine) / len(mine)
     return metrics, rows
+
+
+def rate(name: str, values: list) -> dict:
+    """The mean of per-question values (0/1, or fractions) and its standard error over questions."""
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return {name: mean, f"{name}_se": math.sqrt(var / n)}
+
+
+def paired_gain(before: list[bool], after: list[bool]) -> dict:
+    """The change of accuracy on the same questions, with the standard error of the paired differences and
+    McNemar's exact p-value (two-sided): of the questions whose verdict changed, how lopsided the changes are."""
+    d = [int(a) - int(b) for a, b in zip(after, before)]
+    up, down = d.count(1), d.count(-1)
+    tail = sum(math.comb(up + down, i) for i in range(min(up, down) + 1)) / 2 ** (up + down)
+    gain = rate("eval_gain", d)
+    return {**gain, "eval_gain_up": up, "eval_gain_down": down, "eval_gain_p": min(1.0, 2 * tail)}
 
 
 def buffer_stats(buffer: list[dict]) -> dict:
@@ -1059,16 +1096,29 @@ def buffer_stats(buffer: list[dict]) -> dict:
 
 
 def eval_line(m: dict) -> str:
-    return (f"eval: accuracy {m['eval_accuracy']:.3f} (always answering the most common answer: "
-            f"{m['eval_majority_rate']:.3f}) | format {m['eval_format_rate']:.3f} | len {m['eval_len_mean']:.0f}")
+    """The eval's one line: every accuracy with its standard error, next to what a constant answer scores."""
+    line = (f"eval: accuracy {m['eval_accuracy']:.3f} ± {m['eval_accuracy_se']:.3f} (always answering the most common "
+            f"answer: {m['eval_majority_rate']:.3f})")
+    if "eval_mean_at_k" in m:
+        k = m["eval_samples"]
+        line += (f" | mean@{k} {m['eval_mean_at_k']:.3f} ± {m['eval_mean_at_k_se']:.3f} | pass@{k} "
+                 f"{m['eval_pass_at_k']:.3f} ± {m['eval_pass_at_k_se']:.3f} | mixed {m['eval_mixed_rate']:.2f}")
+    line += f" | format {m['eval_format_rate']:.3f} | len {m['eval_len_mean']:.0f}"
+    if "eval_gain" in m:
+        line += (f" | vs step 0: {100 * m['eval_gain']:+.1f} ± {100 * m['eval_gain_se']:.1f} points (paired, "
+                 f"{m['eval_gain_up']} right now / {m['eval_gain_down']} wrong now; McNemar p {m['eval_gain_p']:.2g})")
+    return line
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: written to a temporary file and renamed, so a crash never leaves a broken ckpt.pt
 
-def save_checkpoint(path: str, model, optimizer, cfg, step: int, data_index: int, generator, pool=None) -> None:
+def save_checkpoint(path: str, model, optimizer, cfg, step: int, data_index: int, generator, pool=None,
+                    eval_start=None) -> None:
+    """eval_start: each held-out question's greedy verdict at step 0, which later evals are paired with."""
     ckpt = {"step": step, "config": dataclasses.asdict(cfg), "model": trainable_state_dict(model),
             "optimizer": optimizer.state_dict(), "data_index": data_index, "pool": pool and pool.state_dict(),
+            "eval_start": eval_start,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "generator": generator.get_state()}}
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -1162,12 +1212,12 @@ def main(cfg: Config):
     print(f"trainable: {n_train / 1e6:.2f}M params ({'LoRA r=%d' % cfg.lora_r if cfg.lora_r else 'full model'})")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
-    step, data_index = 0, 0
+    step, data_index, eval_start = 0, 0, None
     if ckpt:
         load_weights(model, ckpt)
     if cfg.resume:
         optimizer.load_state_dict(ckpt["optimizer"])
-        step, data_index = ckpt["step"], ckpt["data_index"]
+        step, data_index, eval_start = ckpt["step"], ckpt["data_index"], ckpt.get("eval_start")
         if pool:
             pool.load_state_dict(ckpt["pool"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -1196,21 +1246,28 @@ def main(cfg: Config):
             f.write(json.dumps(row) + "\n")
 
     def run_eval():
-        metrics, rows = evaluate(model, tok, eval_entries, eval_set.score_answer, cfg.max_new_tokens)
+        metrics, rows = evaluate(model, tok, eval_entries, eval_set.score_answer, cfg.max_new_tokens, cfg.eval_samples,
+                                 cfg.temperature, cfg.top_p)
+        if eval_start and step > 0:
+            metrics.update(paired_gain(eval_start, [r["correct"] for r in rows]))
         tqdm.write(eval_line(metrics))
         if master:
             with open(samples_path, "a") as f:
                 for r in rows[:8]:
                     f.write(json.dumps({"step": step, "split": "eval", **r}) + "\n")
-        return metrics
+        return metrics, rows
 
     if cfg.eval_only or step == 0:
-        metrics = run_eval()
+        metrics, rows = run_eval()
+        eval_start = [r["correct"] for r in rows]
         write_log({"step": step, **metrics})
         if cfg.eval_only:
             return
         if metrics["eval_format_rate"] == 0:
             tqdm.write(f"eval: no answer was well-formed; {NO_FORMAT}")
+        elif metrics.get("eval_mixed_rate", 1) < 0.1:
+            tqdm.write(f"eval: only {metrics['eval_mixed_rate']:.0%} of the questions got both right and wrong sampled "
+                       f"answers; {FEW_MIXED}")
 
     stop = []  # SIGTERM (preemption) or Ctrl-C: finish the step, checkpoint, exit; a second one stops at once
 
@@ -1242,7 +1299,7 @@ def main(cfg: Config):
         if row["format_rate"] == 0:
             tqdm.write(f"step {step}: no completion was well-formed; {NO_FORMAT}")
         if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
-            row.update(run_eval())
+            row.update(run_eval()[0])
         write_log(row)
         # read once, and by all processes together: a signal after this line is served at the end of the next step
         stopping = bool(all_sum(torch.tensor(len(stop))))
@@ -1254,7 +1311,7 @@ def main(cfg: Config):
                     f.write(json.dumps({"step": step, "split": "train", **{k: s[k] for k in keep}}) + "\n")
             write_plot(cfg.out_dir, log)
             if step % cfg.save_interval == 0 or step == cfg.max_steps or stopping:
-                save_checkpoint(ckpt_path, model, optimizer, cfg, step, data_index, generator, pool)
+                save_checkpoint(ckpt_path, model, optimizer, cfg, step, data_index, generator, pool, eval_start)
         if stopping:
             break
 

@@ -64,6 +64,10 @@ class SFTConfig:
     lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj", "linear layers given LoRA")
     # eval
     eval_size: int = opt(200, "held-out questions evaluated before and after")
+    eval_samples: int = opt(0, "after training, also sample this many answers per eval question: mean@k, pass@k and "
+                               "the share of questions whose answers disagree, which GRPO learns from (0: greedy only)")
+    eval_temperature: float = opt(0.7, "temperature of those samples: use grpo.py's --temperature")
+    eval_top_p: float = opt(0.95, "top-p of those samples: use grpo.py's --top_p")
     max_new_tokens: int = opt(300, "longest eval answer")
 
 
@@ -85,14 +89,72 @@ def syllogism_response(entry: dict) -> str:
             f"<answer>{'Yes' if follows else 'No'}</answer>")
 
 
+def chain_response(entry: dict) -> str | None:
+    """chain_sum (and basic_arithmetic with + and - only): the running total, one operation a line."""
+    tokens = entry["metadata"]["expression"].split()
+    if not all(t.lstrip("-").isdigit() for t in tokens[::2]) or not set(tokens[1::2]) <= {"+", "-"}:
+        return None
+    total, lines = int(tokens[0]), []
+    for op, term in zip(tokens[1::2], tokens[2::2]):
+        new = total + int(term) if op == "+" else total - int(term)
+        lines.append(f"{total} {op} {term} = {new}")
+        total = new
+    return "\n".join(lines)
+
+
+def equation_response(entry: dict) -> str | None:
+    """simple_equations with one variable term: move the constants to the right, then divide by the coefficient."""
+    m = entry["metadata"]
+    lhs, rhs = m["equation"].split(" = ")
+    x, terms = m["variable"], lhs.replace(" - ", " + -").split(" + ")
+    var = [t for t in terms if t.lstrip("-").endswith(x)]
+    consts = [int(t) for t in terms if t not in var]
+    if len(var) != 1 or not all(c.lstrip("-").isdigit() for c in [rhs] + [t for t in terms if t not in var]):
+        return None
+    coef = var[0][:-len(x)].rstrip("*")
+    coef = -1 if coef == "-" else int(coef or 1)
+    value, lines, side = int(rhs), [], var[0]
+    for c in consts:
+        new = value - c
+        lines.append(f"Move {c} to the right side: {side} = {value} {'-' if c > 0 else '+'} {abs(c)} = {new}")
+        value = new
+    if coef != 1:
+        lines.append(f"Divide both sides by {coef}: {x} = {value} / {coef} = {value // coef}")
+        value //= coef
+    return "\n".join(lines) if str(value) == str(entry["answer"]) else None
+
+
+def letters(word: str) -> str:
+    return ", ".join(word)
+
+
+WORKED = {  # task -> a function writing the think block from the entry's metadata (None: not this entry)
+    "chain_sum": chain_response,
+    "basic_arithmetic": chain_response,
+    "simple_equations": equation_response,
+    "spell_backward": lambda e: f"The letters of {e['metadata']['word']}: {letters(e['metadata']['word'])}\n"
+                                f"From last to first: {letters(e['metadata']['word'][::-1])}",
+    "word_sequence_reversal": lambda e: f"The words: {', '.join(e['metadata']['words'])}\n"
+                                        f"From last to first: {', '.join(e['metadata']['words'][::-1])}",
+    "letter_counting": lambda e: "\n".join(f"{w}: {w.count(e['metadata']['target_letter'])}"
+                                           for w in e["metadata"]["span"])
+                                + f"\nTotal: {e['answer']}",
+}
+
+
 def metadata_response(entry: dict) -> str:
-    if entry["metadata"].get("source_dataset") == "syllogism":
+    """A worked example written from what reasoning-gym's metadata states about the question: the procedure that
+    solves it where WORKED has one (the running total of a sum, the inverse steps of an equation, the letters of a
+    word), else one sentence that names the answer."""
+    task = entry["metadata"].get("source_dataset")
+    if task == "syllogism":
         return syllogism_response(entry)
     if entry.get("answer") is None:
-        fail(f"--source metadata needs reference answers; task {entry['metadata'].get('source_dataset')} has none: "
-             "use --source self, --teacher or --data")
-    return f"<think>\nThe question asks for one answer; working it out gives {entry['answer']}.\n</think>\n" \
-           f"<answer>{entry['answer']}</answer>"
+        fail(f"--source metadata needs reference answers; task {task} has none: use --source self, --teacher or --data")
+    think = WORKED[task](entry) if task in WORKED else None
+    if think is None:
+        think = f"The question asks for one answer; working it out gives {entry['answer']}."
+    return f"<think>\n{think}\n</think>\n<answer>{entry['answer']}</answer>"
 
 
 TEACHER_PROMPT = ("{question}\n\nThe correct answer is: {answer}\n"
@@ -281,7 +343,8 @@ def main(cfg: SFTConfig):
     t0 = time.time()
     losses, optimizer = train(model, tok, [to_sample(tok, ex) for ex in examples], cfg, device)
     train_s = time.time() - t0
-    after, rows = grpo.evaluate(model, tok, eval_entries, eval_set.score_answer, cfg.max_new_tokens)
+    after, rows = grpo.evaluate(model, tok, eval_entries, eval_set.score_answer, cfg.max_new_tokens, cfg.eval_samples,
+                                cfg.eval_temperature, cfg.eval_top_p)
     print("after SFT  " + grpo.eval_line(after))
     log.write(json.dumps({"stage": "after", "train_s": train_s, "loss_first": losses[0], "loss_last": losses[-1],
                           "examples": len(examples), **after}) + "\n")
