@@ -99,3 +99,16 @@ def test_eval_only_from_a_checkpoint_reports_the_same_accuracy(tiny_model_dir, t
     (row,) = read_log(ev)
     for k in ("eval_accuracy", "eval_format_rate", "eval_len_mean"):
         assert row[k] == final[k]
+
+
+def test_eval_samples_log_mean_pass_and_mixed_rate_and_leave_training_untouched(tiny_model_dir, tmp_path):
+    grpo.main(small_config(tiny_model_dir, tmp_path / "plain", max_steps=2))
+    grpo.main(small_config(tiny_model_dir, tmp_path / "sampled", max_steps=2, eval_samples=2))
+    plain, sampled = read_log(tmp_path / "plain"), read_log(tmp_path / "sampled")
+    for row in sampled:
+        assert row["eval_samples"] == 2 and 0 <= row["eval_mixed_rate"] <= 1
+        assert 0 <= row["eval_mean_at_k"] <= row["eval_pass_at_k"] <= 1 and row["eval_accuracy_se"] >= 0
+    assert "eval_gain" not in sampled[0] and {"eval_gain", "eval_gain_se", "eval_gain_p"} <= set(sampled[1])
+    timing = {"step_s", "sample_s", "tokens_per_s", "sample_tokens_per_s"}
+    same = lambda row: {k: v for k, v in row.items() if not k.startswith("eval_") and k not in timing}
+    assert [same(r) for r in plain] == [same(r) for r in sampled]  # the eval's own random stream

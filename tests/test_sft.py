@@ -105,3 +105,30 @@ def test_teacher_client_retries_and_caches(tmp_path, monkeypatch):
         assert sorted(e["question"] for e in again) == sorted(e["question"] for e in entries)
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("task, settings", [
+    ("chain_sum", dict(min_terms=2, max_terms=4, min_digits=1, max_digits=2)),
+    ("simple_equations", dict(min_terms=2, max_terms=2, min_value=1, max_value=20)),
+    ("spell_backward", dict(min_word_len=3, max_word_len=6)),
+    ("word_sequence_reversal", dict(min_words=3, max_words=5)),
+    ("letter_counting", dict(min_words=3, max_words=6)),
+])
+def test_worked_solutions_from_metadata_show_the_procedure_and_are_verified(task, settings):
+    ds = rg.create_dataset(task, size=100, seed=3, **settings)
+    for e in ds:
+        response = sft.metadata_response(e)
+        s = R.score_completion(response, e, ds.score_answer)
+        assert s["format"] == 1.0 and s["correct"], response
+        assert "working it out" not in response  # the procedure, not the one-sentence fallback
+    think = sft.metadata_response(ds[0]).split("</think>")[0]
+    assert think.count("\n") >= 2  # at least one line of work
+
+
+def test_worked_equation_steps_are_the_inverse_operations():
+    entry = {"answer": "13", "metadata": {"source_dataset": "simple_equations", "equation": "9 - 15*e = -186",
+                                          "variable": "e"}}
+    assert sft.equation_response(entry) == ("Move 9 to the right side: -15*e = -186 - 9 = -195\n"
+                                            "Divide both sides by -15: e = -195 / -15 = 13")
+    chain = {"answer": "14", "metadata": {"source_dataset": "chain_sum", "expression": "12 + 7 - 5"}}
+    assert sft.chain_response(chain) == "12 + 7 = 19\n19 - 5 = 14"
