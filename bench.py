@@ -26,6 +26,10 @@ import time
 import torch
 
 import grpo
+import model as M
+import tasks as T
+import weights
+from packed import frozen_linears, keep_freed_memory
 
 
 def timed(fn, device):
@@ -55,12 +59,14 @@ def main():
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=3, help="GRPO steps to time (the median is reported)")
     args = ap.parse_args()
-    device, dtype = grpo.resolve_device(args.device, args.dtype)
+    device, dtype = weights.resolve_device(args.device, args.dtype)
     cfg = dataclasses.replace(grpo.Config(), model=args.model, max_new_tokens=args.new_tokens, exploration_batchsize=8,
                               buffer_size=48, batch_size=16, gradient_accumulation_steps=3)  # 8 x 6: one optimizer step
-    model, tok = grpo.load_model(cfg.model, device, dtype)
+    model, tok = weights.load(cfg.model, device, dtype)
+    if device == "cpu":
+        keep_freed_memory()  # as grpo.py does
     n_params = sum(p.numel() for p in model.parameters())
-    task = grpo.load_task(cfg.task, 10**6, 0)
+    task = T.make_task(cfg.task, 10**6, 0)
     entries = [task[i] for i in range(cfg.exploration_batchsize)]
     prompts = [grpo.encode_prompt(tok, e["question"]) for e in entries]
     r = {"device": device, "dtype": str(dtype).replace("torch.", ""), "model_params_m": n_params / 1e6,
@@ -73,13 +79,14 @@ def main():
     run_ours = lambda: grpo.generate(model, prompts, cfg.G, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                      tok.eos_token_id, gen, stop_at_eos=False)
     ids, mask = grpo.left_pad(prompts, tok.eos_token_id, device)
-    run_hf = lambda: model.generate(
+    hf = M.to_hf(model).to(device)  # transformers' own model and generate, on the same weights
+    run_hf = lambda: hf.generate(
         input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
         num_return_sequences=cfg.G, max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens,
         pad_token_id=tok.eos_token_id)
     with torch.no_grad():
         grpo.generate(model, prompts[:1], 1, 4, 1.0, 1.0, tok.eos_token_id)  # warm-ups
-        model.generate(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=4, pad_token_id=tok.eos_token_id)
+        hf.generate(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=4, pad_token_id=tok.eos_token_id)
         ours_s, hf_s = [], []
         for _ in range(2):
             (completions, _), s = timed(run_ours, device)
@@ -108,11 +115,10 @@ def main():
     buffer = [{"prompt": prompts[i // cfg.G], "completion": c, "advantage": 1.0 if i % 2 else -1.0}
               for i, c in enumerate(completions)]
     minibatches = [buffer[i:i + cfg.batch_size] for i in range(0, len(buffer), cfg.batch_size)]
-    grpo.attach_old_logprobs(model, minibatches, cfg, tok.eos_token_id, device)
 
-    def train_step():
-        with grpo.frozen_linears(model, rows=1024, training=True):  # as grpo.update does
-            grpo.accumulate_gradients(model, minibatches, cfg, tok.eos_token_id, device)
+    def train_step():  # one optimizer step on the policy that sampled: old log-probs come from this very pass
+        with frozen_linears(model, rows=1024, training=True):  # as grpo.update does
+            grpo.accumulate_gradients(model, minibatches, {}, {}, cfg, tok.eos_token_id, device)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

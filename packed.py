@@ -1,11 +1,16 @@
 """
-Fixed weights multiplied fast on CPU. In fp32, a weight that stays fixed for a while (every weight while
-grpo.py samples, the base weights under LoRA while it trains) is reordered once into oneDNN's blocked layout,
-with the private ops that torch.compile uses for CPU inference; F.linear instead repacks the weight at every
-call. The packed product is 1.3x (layer-sized weights) to 2x (the vocabulary projection) faster at the
-sampler's batch sizes, ~1.1x at training sizes. Elsewhere (GPU, bf16, the fp64 tests), or if those ops are
-missing, FrozenLinear is plain F.linear. grpo.frozen_linears decides which layers become FrozenLinear.
+packed.py: what only makes the CPU faster.
+
+Fixed weights multiplied fast. In fp32, a weight that stays fixed for a while (every weight while grpo.py samples,
+the base weights under LoRA while it trains) is reordered once into oneDNN's blocked layout, with the private ops
+that torch.compile uses for CPU inference; F.linear instead repacks the weight at every call. The packed product
+is 1.3x (layer-sized weights) to 2x (the vocabulary projection) faster at the sampler's batch sizes, ~1.1x at
+training sizes. Elsewhere (GPU, bf16, the fp64 tests), or if those ops are missing, FrozenLinear is plain F.linear.
+
+Memory kept, not given back: see keep_freed_memory.
 """
+import contextlib
+import ctypes
 import functools
 
 import torch
@@ -63,3 +68,47 @@ class FrozenLinear(nn.Module):
         if self.packed_t is not None:
             return PackedLinear.apply(x, self.packed, self.packed_t, self.bias)
         return packed_linear(x, self.packed, self.bias)
+
+
+def frozen(layer, rows: int, grad: bool = False) -> FrozenLinear:
+    """A FrozenLinear copy of an nn.Linear, or of a LoRA layer (one with .base and .merged_weight()) with its
+    adapter merged in unless it is switched off."""
+    lora = hasattr(layer, "merged_weight")
+    weight = layer.merged_weight() if lora and layer.enabled else layer.base.weight if lora else layer.weight
+    bias = (layer.base if lora else layer).bias
+    return FrozenLinear(weight.detach(), None if bias is None else bias.detach(), rows, grad)
+
+
+@contextlib.contextmanager
+def frozen_linears(model: nn.Module, rows: int, training: bool = False):
+    """Sampling (no gradients): every linear layer, the vocabulary projection included, multiplies by a frozen copy
+    of its weight (a LoRA layer's adapter merged in: one matmul instead of three). Training: the frozen base of each
+    LoRA layer does (gradients still flow to its input); the adapter trains as before. The original layers are put
+    back on exit, the adapter untouched."""
+    if training:
+        swaps = [(m, "base", m.base) for m in model.modules() if hasattr(m, "merged_weight")]
+    else:
+        swaps = [(parent, name, child) for parent in model.modules() if not hasattr(parent, "merged_weight")
+                 for name, child in parent.named_children() if isinstance(child, nn.Linear) or hasattr(child, "merged_weight")]
+    for parent, name, child in swaps:
+        setattr(parent, name, frozen(child, rows, grad=training))
+    try:
+        yield
+    finally:
+        for parent, name, child in swaps:
+            setattr(parent, name, child)
+
+
+def keep_freed_memory() -> None:
+    """glibc gives the free memory at the top of its heap back to the OS (and the next allocations fault it in
+    again, page by page, zeroed); blocks over a threshold (128 KB, rising with use to 32 MB) get a mapping of
+    their own, unmapped when freed. On CPU a minibatch's activations, GBs, come and go every step. Here blocks
+    up to 32 MB always come from the heap, and the heap is never shrunk: the process keeps its peak memory.
+    Measured (4 alternating processes): an update 1.12x faster, sampling 192 rows 1.07x, kernel time 34 -> 24 s,
+    the same peak memory."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: nothing to change
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: a mapping of its own only for a block over 32 MB
+    libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD: never give the heap's free top back

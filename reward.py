@@ -106,10 +106,15 @@ def total_reward(
     w_correct: float = 0.85,
     w_format: float = 0.15,
     w_length: float = 0.0,
+    overlong: float = 0.0,
+    w_overlong: float = 0.0,
+    difficulty: float = 0.0,
+    w_difficulty: float = 0.0,
 ) -> float:
-    """Weighted sum. Correctness dominates; format is a small nudge that
-    mostly matters early, before the model reliably emits the tags."""
-    return w_correct * correctness + w_format * fmt + w_length * length
+    """The reward: one weighted sum, here and nowhere else. Correctness dominates; format is a small nudge that
+    mostly matters early, before the model reliably emits the tags; the other terms are off by default."""
+    return (w_correct * correctness + w_format * fmt + w_length * length + w_overlong * overlong
+            + w_difficulty * difficulty)
 
 
 def score_completion(text: str, entry: dict, score_answer: ScoreFn) -> dict:
@@ -127,6 +132,23 @@ def score_completion(text: str, entry: dict, score_answer: ScoreFn) -> dict:
         "format": format_reward(text),
         "correct": correctness >= 1.0,
     }
+
+
+def score_group(texts: list[str], lengths: list[int], entry: dict, score_answer: ScoreFn, w,
+                pass_rate: float | None = None) -> list[dict]:
+    """Reward parts and total of the G completions of one question. `w` holds the weights (w_correct, w_format,
+    w_length, w_overlong, w_difficulty), max_new_tokens and overlong_buffer (grpo.py's Config). pass_rate: the
+    question's pass rate from the curriculum pool; without one, the group's own."""
+    parts = [score_completion(t, entry, score_answer) for t in texts]
+    correct = [p["correct"] for p in parts]
+    length = length_rewards(lengths, correct) if w.w_length else [0.0] * len(parts)
+    pass_rate = sum(correct) / len(correct) if pass_rate is None else pass_rate
+    for p, lam, n in zip(parts, length, lengths):
+        p["length_reward"], p["overlong"] = lam, overlong_penalty(n, w.max_new_tokens, w.overlong_buffer)
+        p["difficulty_bonus"] = (1 - pass_rate) * p["correct"]
+        p["reward"] = total_reward(p["correctness"], p["format"], lam, w.w_correct, w.w_format, w.w_length,
+                                   p["overlong"], w.w_overlong, p["difficulty_bonus"], w.w_difficulty)
+    return parts
 
 
 def overlong_penalty(length: int, max_len: int, buffer: int) -> float:

@@ -9,23 +9,48 @@ sample.py: answer questions with a trained checkpoint, and export it.
 AutoModelForCausalLM.from_pretrained(DIR) loads it, no code of ours needed) and, in DIR/adapter, the adapter
 alone in the layout PEFT reads (adapter_config.json + adapter_model.safetensors).
 """
-import argparse
 import dataclasses
 import json
 import os
+from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
+import flags
 import grpo
+import model as M
 import reward as R
+import rundir
+import tasks as T
+import weights
+from flags import opt
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str = opt("out/ckpt.pt", "a ckpt.pt written by grpo.py or sft.py")
+    prompt: str = opt("", "a question of your own (else held-out questions of --task)")
+    task: str = opt("", "task of the held-out questions (default: the checkpoint's)")
+    n: int = opt(5, "how many held-out questions", at_least=1)
+    max_new_tokens: int = opt(300, "longest answer", at_least=1)
+    temperature: float = opt(0.0, "sampling temperature (0: greedy)", at_least=0)
+    export: str = opt("", "write the merged model here (and the PEFT adapter in DIR/adapter)")
+    device: str = opt("auto", "cpu, cuda, or auto", choices=("auto", "cpu", "cuda"))
 
 
 def merge_lora(model) -> None:
     """Replace every LoRA layer by a plain nn.Linear holding W + (alpha / r) B A."""
     for name, module in list(model.named_modules()):
         if isinstance(module, grpo.LoRALinear):
+            base = module.base
+            merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                               device=base.weight.device, dtype=base.weight.dtype)
+            merged.weight.data = module.merged_weight()
+            if base.bias is not None:
+                merged.bias.data = base.bias.data.clone()
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.merged())
+            setattr(model.get_submodule(parent), child, merged)
 
 
 def export_peft_adapter(model, cfg, base_name: str, out: str) -> None:
@@ -43,43 +68,35 @@ def export_peft_adapter(model, cfg, base_name: str, out: str) -> None:
 
 def load(ckpt_path: str, device: str = "auto", dtype: str = "auto"):
     """The model of a grpo.py or sft.py checkpoint, with its trained weights; and the run's config."""
-    ckpt = grpo.read_checkpoint(ckpt_path)  # read once; its config says which model and LoRA to build
+    ckpt = rundir.read_checkpoint(ckpt_path)  # read once; its config says which model and LoRA to build
     cfg = dataclasses.replace(grpo.Config(), **{k: v for k, v in ckpt["config"].items()
                                                 if k in grpo.Config.__dataclass_fields__})
-    device, torch_dtype = grpo.resolve_device(device, dtype)
-    model, tok = grpo.load_model(cfg.model, device, torch_dtype)
+    device, torch_dtype = weights.resolve_device(device, dtype)
+    model, tok = weights.load(cfg.model, device, torch_dtype)
     grpo.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
-    grpo.load_weights(model, ckpt)
+    rundir.load_weights(model, ckpt)
     return model.eval(), tok, cfg
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
-    ap.add_argument("--ckpt", required=True, help="a ckpt.pt written by grpo.py or sft.py")
-    ap.add_argument("--prompt", default="", help="a question of your own (else held-out questions of --task)")
-    ap.add_argument("--task", default="", help="task of the held-out questions (default: the checkpoint's)")
-    ap.add_argument("--n", type=int, default=5, help="how many held-out questions")
-    ap.add_argument("--max_new_tokens", type=int, default=300)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    ap.add_argument("--export", default="", help="write the merged model (and DIR/adapter) here")
-    ap.add_argument("--device", default="auto")
-    args = ap.parse_args()
+def main(args: SampleConfig):
     model, tok, cfg = load(args.ckpt, args.device)
     if args.export:
+        if os.path.isfile(args.export):
+            flags.fail(f"--export {args.export} is a file: give a folder")
         export_peft_adapter(model, cfg, cfg.model, os.path.join(args.export, "adapter"))
         merge_lora(model)
-        model.save_pretrained(args.export)
+        M.to_hf(model).save_pretrained(args.export)
         tok.save_pretrained(args.export)
         print(f"merged model in {args.export}, adapter in {os.path.join(args.export, 'adapter')}")
         return
     if args.prompt:
         entries, score = [{"question": args.prompt, "answer": None}], None
     else:
-        task = grpo.load_task(args.task or cfg.task, args.n, grpo.EVAL_SEED)
-        entries, score = grpo.T.eval_entries(task, args.n), task.score_answer
+        task = T.make_task(args.task or cfg.task, args.n, grpo.EVAL_SEED)
+        entries, score = T.eval_entries(task, args.n), task.score_answer
     prompts = [grpo.encode_prompt(tok, e["question"]) for e in entries]
     completions, _ = grpo.generate(model, prompts, 1, args.max_new_tokens, args.temperature, 1.0, tok.eos_token_id,
-                                   torch.Generator(device=next(model.parameters()).device).manual_seed(0))
+                                   torch.Generator(device=model.lm_head.weight.device).manual_seed(0))
     for e, c in zip(entries, completions):
         text = tok.decode(c, skip_special_tokens=True)
         print("=" * 100 + f"\n{e['question']}\n" + "-" * 100 + f"\n{text}\n" + "-" * 100)
@@ -92,4 +109,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    flags.run(main, SampleConfig, __doc__)

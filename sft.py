@@ -32,9 +32,14 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+import flags
 import grpo
 import reward as R
-from grpo import fail, opt
+import rundir
+import tasks as T
+import weights
+from flags import fail, opt
+from packed import frozen_linears, keep_freed_memory
 
 
 @dataclass
@@ -43,32 +48,36 @@ class SFTConfig:
     task: str = opt("syllogism:invalid_ratio=0.5", "reasoning-gym task (name:key=value settings); the default is "
                     "syllogism with as many valid as invalid arguments, so that the warmup teaches no Yes/No prior")
     out_dir: str = opt("out-sft", "where examples.jsonl, log.jsonl and ckpt.pt go")
-    device: str = opt("auto", "cpu, cuda, or auto")
-    dtype: str = opt("auto", "float32, bfloat16, float16, or auto (bfloat16 on cuda, float32 on cpu)")
-    seed: int = opt(0, "seed for questions, sampling and shuffling")
+    overwrite: bool = opt(False, "warm up again where out_dir holds a finished warmup (it is moved aside, not deleted)")
+    device: str = opt("auto", "cpu, cuda, or auto", choices=("auto", "cpu", "cuda"))
+    dtype: str = opt("auto", "float32, bfloat16, float16, or auto (bfloat16 on cuda, float32 on cpu)",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    seed: int = opt(0, "seed for questions, sampling and shuffling", at_least=0)
     # worked examples
-    source: str = opt("metadata", "metadata (built from reasoning-gym's metadata) or self (the model as teacher)")
+    source: str = opt("metadata", "metadata (built from reasoning-gym's metadata) or self (the model as teacher)",
+                      choices=("metadata", "self"))
     data: str = opt("", "a JSONL file of worked examples to train on instead")
     teacher: str = opt("", "OpenAI-compatible base URL (e.g. http://localhost:8000/v1) of a teacher model")
     teacher_model: str = opt("", "model name to ask the teacher endpoint for")
-    teacher_concurrency: int = opt(4, "teacher requests in flight at once")
-    n_examples: int = opt(200, "worked examples to train on")
-    self_samples: int = opt(4, "--source self: samples per question")
+    teacher_concurrency: int = opt(4, "teacher requests in flight at once", at_least=1)
+    n_examples: int = opt(200, "worked examples to train on", at_least=1)
+    self_samples: int = opt(4, "--source self: samples per question", at_least=1)
     # training
-    epochs: int = opt(2, "passes over the examples")
-    learning_rate: float = opt(2e-4, "AdamW learning rate")
-    batch_size: int = opt(8, "sequences per minibatch")
-    gradient_accumulation_steps: int = opt(1, "minibatches per optimizer step")
-    lora_r: int = opt(32, "LoRA rank (0: full model); grpo.py --init_from needs the same")
-    lora_alpha: float = opt(64.0, "LoRA scale numerator")
+    epochs: int = opt(2, "passes over the examples", at_least=1)
+    learning_rate: float = opt(2e-4, "AdamW learning rate", at_least=0)
+    batch_size: int = opt(8, "sequences per minibatch", at_least=1)
+    gradient_accumulation_steps: int = opt(1, "minibatches per optimizer step", at_least=1)
+    lora_r: int = opt(32, "LoRA rank (0: full model); grpo.py --init_from needs the same", at_least=0)
+    lora_alpha: float = opt(64.0, "LoRA scale numerator", above=0)
     lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj", "linear layers given LoRA")
     # eval
-    eval_size: int = opt(200, "held-out questions evaluated before and after")
+    eval_size: int = opt(200, "held-out questions evaluated before and after", at_least=1)
     eval_samples: int = opt(0, "after training, also sample this many answers per eval question: mean@k, pass@k and "
-                               "the share of questions whose answers disagree, which GRPO learns from (0: greedy only)")
-    eval_temperature: float = opt(0.7, "temperature of those samples: use grpo.py's --temperature")
-    eval_top_p: float = opt(0.95, "top-p of those samples: use grpo.py's --top_p")
-    max_new_tokens: int = opt(300, "longest eval answer")
+                               "the share of questions whose answers disagree, which GRPO learns from (0: greedy only)",
+                            at_least=0)
+    eval_temperature: float = opt(0.7, "temperature of those samples: use grpo.py's --temperature", above=0)
+    eval_top_p: float = opt(0.95, "top-p of those samples: use grpo.py's --top_p", above=0, at_most=1)
+    max_new_tokens: int = opt(300, "longest eval answer", at_least=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -274,7 +283,7 @@ def train(model, tok, samples: list[dict], cfg: SFTConfig, device):
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / total_steps)  # linear decay to 0
     rng, losses = random.Random(cfg.seed), []
     bar = tqdm(total=total_steps, desc="sft", dynamic_ncols=True)
-    with grpo.frozen_linears(model, rows=1024, training=True):  # LoRA: the base weights stay fixed
+    with frozen_linears(model, rows=1024, training=True):  # LoRA: the base weights stay fixed
         for _ in range(cfg.epochs):
             order = samples[:]
             rng.shuffle(order)
@@ -299,20 +308,21 @@ def train(model, tok, samples: list[dict], cfg: SFTConfig, device):
 
 
 def main(cfg: SFTConfig):
-    device, dtype = grpo.resolve_device(cfg.device, cfg.dtype)
+    device, dtype = weights.resolve_device(cfg.device, cfg.dtype)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if cfg.data:
         given = read_jsonl(cfg.data)
     if cfg.teacher and not cfg.teacher_model:
         fail("--teacher needs --teacher_model (the model name the endpoint serves)")
-    if cfg.source not in ("metadata", "self"):
-        fail(f"--source {cfg.source}: choose metadata or self")
-    train_set = grpo.load_task(cfg.task, 10**8, cfg.seed)
-    eval_set = grpo.load_task(cfg.task, cfg.eval_size, grpo.EVAL_SEED)
-    eval_entries = grpo.T.eval_entries(eval_set, cfg.eval_size)
+    rundir.claim(cfg.out_dir, False, cfg.overwrite, markers=("ckpt.pt",))  # an unfinished one's teacher cache is reused
+    train_set = T.make_task(cfg.task, 10**8, cfg.seed)
+    eval_set = T.make_task(cfg.task, cfg.eval_size, grpo.EVAL_SEED)
+    eval_entries = T.eval_entries(eval_set, cfg.eval_size)
     held_out = {e["question"] for e in eval_entries}
-    model, tok = grpo.load_model(cfg.model, device, dtype)
+    model, tok = weights.load(cfg.model, device, dtype)
+    if device == "cpu":
+        keep_freed_memory()
     os.makedirs(cfg.out_dir, exist_ok=True)
     examples_path = os.path.join(cfg.out_dir, "examples.jsonl")
 
@@ -350,10 +360,10 @@ def main(cfg: SFTConfig):
                           "examples": len(examples), **after}) + "\n")
     with open(os.path.join(cfg.out_dir, "samples.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows[:20])
-    grpo.save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), model, optimizer, cfg, 0, 0,
-                         torch.Generator().manual_seed(cfg.seed))
+    rundir.save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), grpo.trainable_state_dict(model), optimizer, cfg, 0, 0,
+                           torch.Generator().manual_seed(cfg.seed))
     print(f"saved {os.path.join(cfg.out_dir, 'ckpt.pt')}: python grpo.py --init_from {os.path.join(cfg.out_dir, 'ckpt.pt')}")
 
 
 if __name__ == "__main__":
-    main(grpo.parse_config(SFTConfig, doc=__doc__))
+    flags.run(main, SFTConfig, __doc__)

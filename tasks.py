@@ -16,19 +16,24 @@ import json
 import os
 import random
 
-
-class TaskError(ValueError):
-    """Bad --task input: the message says what to fix (grpo.py prints it as a one-line error)."""
+from flags import fail
 
 
-def fail(msg):
-    raise TaskError(msg)
+def split_top_level(spec: str) -> list[str]:
+    """Split at the commas outside brackets: a setting's value may be a JSON list (weights=[1,0,0])."""
+    items, depth, start = [], 0, 0
+    for i, c in enumerate(spec):
+        depth += (c in "[{") - (c in "]}")
+        if c == "," and depth == 0:
+            items.append(spec[start:i])
+            start = i + 1
+    return items + [spec[start:]]
 
 
 def parse_spec(spec: str) -> list[tuple[str, float, dict]]:
     """"a:k=v@2,b" -> [("a", 2.0, {"k": v}), ("b", 1.0, {})]."""
     parts = []
-    for item in spec.split(","):
+    for item in split_top_level(spec):
         item, _, weight = item.partition("@")
         name, *settings = item.strip().split(":")
         kwargs = {}
@@ -138,6 +143,23 @@ def eval_entries(task, size: int) -> list[dict]:
 
 def source(entry: dict) -> str:
     return entry.get("metadata", {}).get("source_dataset", "task")
+
+
+class Questions:
+    """The training questions in order, skipping the held-out ones; `index` is where the next one is read (a
+    checkpoint keeps it, so --resume goes on where the run was)."""
+
+    def __init__(self, task, held_out: set, index: int = 0):
+        self.task, self.held_out, self.index = task, held_out, index
+
+    def next(self) -> dict:
+        skipped = 0
+        while self.task[self.index]["question"] in self.held_out:
+            self.index, skipped = self.index + 1, skipped + 1
+            if skipped > 10**5:
+                fail("every training question is also an eval question: lower --eval_size or use a larger task")
+        self.index += 1
+        return self.task[self.index - 1]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,9 +1,14 @@
-"""Shared fixtures: tiny random models built from a config (no download), and the bundled real model."""
+"""Shared fixtures: tiny random models built from a config (no download), and the bundled real model. Each tiny
+model is model.py's Model holding the weights of a random transformers model, its twin (hf_twin), which the tests
+use as the independent reference."""
 import types
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
+
+import model as M
 
 EOS = 2
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -11,27 +16,52 @@ COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_
               tie_word_embeddings=True, initializer_range=0.2)  # a large init spreads logits: no near-ties
 
 
-def tiny_model(arch: str = "llama", dtype=torch.float64, seed: int = 0):
-    """A 2-layer random model. float64 by default so that cached and recomputed forward passes agree far
-    beyond any argmax tie (the point of the tests is the algorithm, not fp32 rounding)."""
+def tiny_hf_model(arch: str = "llama", dtype=torch.float64, seed: int = 0, **config):
+    """A 2-layer random transformers model. float64 by default so that cached and recomputed forward passes agree
+    far beyond any argmax tie (the point of the tests is the algorithm, not fp32 rounding)."""
     torch.manual_seed(seed)
     if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**COMMON))
+        model = LlamaForCausalLM(LlamaConfig(**{**COMMON, **config}))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**{**COMMON, **config}))
     else:
-        model = Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16))
+        model = Qwen3ForCausalLM(Qwen3Config(**{**COMMON, "head_dim": 16, **config}))
     with torch.no_grad():  # a louder EOS logit, so that some rows stop early and others run to the limit
         model.lm_head.weight[EOS] *= 3
+        for name, p in model.named_parameters():  # biases start at 0: make them count
+            if name.endswith(".bias"):
+                p.normal_(0, 0.2)
     for m in model.modules():  # HF's RMSNorm computes in float32 even in a float64 model: make it float64 too, so
-        if type(m).__name__.endswith("RMSNorm"):  # that gradients summed in another order still agree to ~1e-13
+        if type(m).__name__.endswith("RMSNorm"):  # that the twin is exact in float64 as well
             m.forward = types.MethodType(exact_rms_norm, m)
     return model.to(dtype).eval()
+
+
+def tiny_model(arch: str = "llama", dtype=torch.float64, seed: int = 0, **config):
+    """model.py's Model with the weights of tiny_hf_model(arch, dtype, seed) (copies: the twin stays untouched)."""
+    hf = tiny_hf_model(arch, dtype, seed, **config)
+    model = M.from_hf(hf)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    if hf.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.hf_twin = [hf]  # in a list: not a submodule, so not among the model's parameters
+    return model
+
+
+def hf_twin(model):
+    return model.hf_twin[0]
+
+
+def logits(model, ids):
+    """Full-sequence logits of our model: no cache, plain causal attention (no padding)."""
+    return model.lm_head(model(ids))
 
 
 def exact_rms_norm(self, x):
     return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
 
-@pytest.fixture(params=["llama", "qwen3"])
+@pytest.fixture(params=["llama", "qwen2", "qwen3"])
 def any_tiny_model(request):
     return tiny_model(request.param)
 
@@ -44,8 +74,8 @@ def tiny():
 @pytest.fixture(scope="session")
 def real_model():
     """SmolLM2-135M-Instruct from the bundled GGUF (converted once to a cache dir), fp32."""
-    import grpo
-    model, tok = grpo.load_model("SmolLM-135M", "cpu", torch.float32)
+    import weights
+    model, tok = weights.load("SmolLM-135M", "cpu", torch.float32)
     return model.eval(), tok
 
 

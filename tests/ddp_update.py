@@ -9,12 +9,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ddp  # noqa: E402
 import grpo  # noqa: E402
 from conftest import EOS, tiny_model  # noqa: E402
 
 if int(os.environ.get("WORLD_SIZE", 1)) > 1:
     dist.init_process_group("gloo")
-rank, world = grpo.rank_world()
+rank, world = ddp.rank_world()
 model = tiny_model("llama")
 grpo.apply_lora(model, 4, 8.0, "q_proj,v_proj,down_proj")
 g = torch.Generator().manual_seed(0)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import grpo
+import tasks as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,19 +38,19 @@ def expect_usage_error(args, tmp_path) -> str:
     (["--task", "sylogism"], "did you mean syllogism"),
     (["--task", "syllogism:invalid_ratio"], "write key=value"),
     (["--task", "syllogism:no_such_setting=1"], "no_such_setting"),
-    (["--G", "1"], "G must be at least 2"),
-    (["--top_p", "1.5"], "top_p 1.5"),
-    (["--learning_rate=-1e-5"], "--learning_rate -1e-05: must be >= 0"),
-    (["--warmup_steps=-1"], "--warmup_steps -1: must be >= 0"),
+    (["--G", "1"], "--G 1: must be at least 2"),
+    (["--top_p", "1.5"], "--top_p 1.5: must be at most 1"),
+    (["--learning_rate=-1e-5"], "--learning_rate -1e-05: must be at least 0"),
+    (["--warmup_steps=-1"], "--warmup_steps -1: must be at least 0"),
     (["--G", "six"], "argument --G: invalid int value"),
-    (["--loss_agg", "mean"], "choose seq, token or dr_grpo"),
+    (["--loss_agg", "mean"], "choose seq, token, dr_grpo"),
 ])
 def test_bad_input_is_a_one_line_error_with_exit_code_2(args, message, tmp_path):
     assert message in expect_usage_error(args, tmp_path)
 
 
 def test_task_settings_reach_reasoning_gym():
-    balanced = grpo.load_task("syllogism:invalid_ratio=0.5", 400, 0)
+    balanced = T.make_task("syllogism:invalid_ratio=0.5", 400, 0)
     assert balanced.config.invalid_ratio == 0.5
     assert 0.4 < sum(e["answer"] == "No" for e in balanced) / 400 < 0.6
 

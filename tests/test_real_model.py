@@ -8,6 +8,10 @@ import pytest
 import torch
 
 import grpo
+import rundir
+import model as M
+import weights
+from conftest import logits
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,12 +20,21 @@ QUESTIONS = ["What is the capital of France?", "Is 17 a prime number? Answer Yes
              "Does it logically follow that:\nSome cats are pets?\n(Answer Yes or No)"]
 
 
+def test_our_model_gives_the_logits_of_transformers_on_the_real_model(real_model):
+    from transformers import AutoModelForCausalLM
+    model, tok = real_model
+    hf = AutoModelForCausalLM.from_pretrained(weights.resolve("SmolLM-135M")[0], dtype=torch.float32)
+    ids = torch.tensor([grpo.encode_prompt(tok, q) for q in QUESTIONS[:1]])
+    with torch.no_grad():
+        assert torch.allclose(logits(model, ids), hf(ids).logits, atol=1e-4)
+
+
 def test_greedy_sampler_matches_generate_on_the_real_model(real_model):
     model, tok = real_model
     prompts = [grpo.encode_prompt(tok, q) for q in QUESTIONS]
     ours, truncated = grpo.generate(model, prompts, 1, 40, 0.0, 1.0, tok.eos_token_id)
     ids, mask = grpo.left_pad(prompts, tok.eos_token_id, "cpu")
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
+    out = M.to_hf(model).generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[:, ids.shape[1]:].tolist()
     eos = tok.eos_token_id
     assert ours == [row[:row.index(eos) + 1] if eos in row else row for row in out]
@@ -36,7 +49,7 @@ def test_greedy_sampler_matches_full_recompute_on_the_real_model(real_model):
     seq = list(prompt)
     with torch.no_grad():
         for _ in range(len(ours)):
-            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+            seq.append(int(logits(model, torch.tensor([seq]))[0, -1].argmax()))
     assert ours == seq[len(prompt):]
 
 
@@ -53,10 +66,10 @@ def test_the_short_training_command_runs_offline_and_its_checkpoint_loads(tmp_pa
     for key in ("reward_mean", "reward_std", "correct_rate", "format_rate", "completion_len_mean", "truncated_rate",
                 "clip_frac", "loss", "step_s", "tokens_per_s"):
         assert all(key in s for s in steps)
-    model, _ = grpo.load_model("SmolLM-135M", "cpu", torch.float32)
+    model, _ = weights.load("SmolLM-135M", "cpu", torch.float32)
     grpo.apply_lora(model, 32, 64.0, grpo.Config.lora_targets)
-    ckpt = grpo.read_checkpoint(str(out / "ckpt.pt"), grpo.Config())
-    grpo.load_weights(model, ckpt)
+    ckpt = rundir.read_checkpoint(str(out / "ckpt.pt"), grpo.Config())
+    rundir.load_weights(model, ckpt)
     assert ckpt["step"] == 2
 
 

@@ -159,9 +159,9 @@ def test_torchrun_runs_grpo_with_two_processes(tiny_model_dir, tmp_path):
 
 
 FAULTS = """
-import resource, sys, torch, grpo
+import resource, sys, torch, packed
 if sys.argv[1] == "keep":
-    grpo.keep_freed_memory()
+    packed.keep_freed_memory()
 for _ in range(2):  # 40 blocks of 4 MB (a minibatch's activations) written, all freed, and again: count the again
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     blocks = [torch.empty(2**20).fill_(1.0) for _ in range(40)]

@@ -10,7 +10,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import grpo
+import rundir
 import sample
+import weights
+from conftest import logits
 from test_cli import ROOT
 
 
@@ -18,15 +21,15 @@ from test_cli import ROOT
 def trained_ckpt(tiny_model_dir, tmp_path):
     """A checkpoint whose LoRA weights are far from zero, as after training."""
     cfg = dataclasses.replace(grpo.Config(), model=tiny_model_dir, lora_r=4, lora_alpha=8.0)
-    model, _ = grpo.load_model(tiny_model_dir, "cpu", torch.float32)
+    model, _ = weights.load(tiny_model_dir, "cpu", torch.float32)
     grpo.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
     g = torch.Generator().manual_seed(0)
     for p in model.parameters():
         if p.requires_grad:
             p.data = torch.randn(p.shape, generator=g) * 0.1
     path = str(tmp_path / "ckpt.pt")
-    grpo.save_checkpoint(path, model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), cfg, 1, 0,
-                         torch.Generator())
+    rundir.save_checkpoint(path, grpo.trainable_state_dict(model),
+                           torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), cfg, 1, 0, torch.Generator())
     return path
 
 
@@ -34,9 +37,9 @@ def test_merged_export_gives_the_logits_of_base_plus_adapter(trained_ckpt, tmp_p
     model, tok, cfg = sample.load(trained_ckpt)
     ids = torch.tensor([grpo.encode_prompt(tok, "Is 7 prime?")])
     with torch.no_grad():
-        adapted = model(ids).logits
+        adapted = logits(model, ids)
         with grpo.lora_disabled(model):
-            base = model(ids).logits
+            base = logits(model, ids)
     assert not torch.allclose(adapted, base, atol=1e-3)  # the adapter matters
     out = tmp_path / "export"
     r = subprocess.run([sys.executable, "sample.py", "--ckpt", trained_ckpt, "--export", str(out)], cwd=ROOT,
@@ -64,7 +67,7 @@ def test_peft_loads_the_exported_adapter(trained_ckpt, tmp_path):
     model, tok, cfg = sample.load(trained_ckpt)
     ids = torch.tensor([grpo.encode_prompt(tok, "Is 7 prime?")])
     with torch.no_grad():
-        adapted = model(ids).logits
+        adapted = logits(model, ids)
     sample.export_peft_adapter(model, cfg, cfg.model, str(tmp_path / "adapter"))
     base = AutoModelForCausalLM.from_pretrained(cfg.model)
     with torch.no_grad():

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import grpo
 import reward as R
 import sft
-from conftest import EOS, padded_sequences, tiny_model
+from conftest import EOS, hf_twin, padded_sequences, tiny_model
+from flags import BadInput
 
 
 def test_prompt_tokens_carry_no_loss():
@@ -26,7 +27,7 @@ def test_prompt_tokens_carry_no_loss():
     for i, s in enumerate(samples):
         p = len(s["prompt"])
         labels[i, p:p + len(s["completion"])] = torch.tensor(s["completion"])
-    logits = model(input_ids=ids, attention_mask=mask).logits
+    logits = hf_twin(model)(input_ids=ids, attention_mask=mask).logits
     ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
     assert torch.allclose(ours, ref, atol=1e-12)
 
@@ -39,12 +40,11 @@ def test_metadata_examples_are_well_formed_and_verified():
         assert s["format"] == 1.0 and s["correct"]
 
 
-def test_a_malformed_jsonl_line_is_reported_with_its_line_number(tmp_path, capsys):
+def test_a_malformed_jsonl_line_is_reported_with_its_line_number(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text('{"question": "q", "response": "r"}\n\n{"question": "q2", "response": \n')
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(BadInput, match="data.jsonl:3: not valid JSON"):
         sft.read_jsonl(str(path))
-    assert e.value.code == 2 and "data.jsonl:3: not valid JSON" in capsys.readouterr().err
 
 
 def test_jsonl_reads_question_response_and_chat_messages(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import grpo
 import reward as R
 import tasks as T
+from flags import BadInput
 from test_cli import read_log, small_config
 
 
@@ -70,7 +71,7 @@ def test_dynamic_sampling_keeps_no_zero_variance_group(monkeypatch):
     monkeypatch.setattr(grpo, "rollout", fake_rollout([[1, 1], [0, 1], [0, 0], [1, 0]]))
     cfg = dataclasses.replace(grpo.Config(), exploration_batchsize=2, G=2, buffer_size=8, dynamic_sampling=True)
     task = ListTask(entry(i) for i in range(1000))
-    buffer, sampled, index, stats = grpo.fill_buffer(None, None, task, set(), 0, None, cfg, None, "test")
+    buffer, sampled, stats = grpo.fill_buffer(None, None, T.Questions(task, set()), None, cfg, None, "test")
     groups = [buffer[i:i + 2] for i in range(0, len(buffer), 2)]
     assert len(buffer) == 8 and all(len({s["correct"] for s in g}) == 2 for g in groups)
     assert stats["dropped_group_rate"] == 0.5 and len(sampled) == 16 and stats["rollouts"] == 4
@@ -80,8 +81,8 @@ def test_dynamic_sampling_stops_at_its_bound(monkeypatch):
     monkeypatch.setattr(grpo, "rollout", fake_rollout([[1, 1]]))  # every group is all right: nothing to keep
     cfg = dataclasses.replace(grpo.Config(), exploration_batchsize=2, G=2, buffer_size=8, dynamic_sampling=True,
                               dynamic_sampling_bound=3.0)
-    buffer, sampled, _, stats = grpo.fill_buffer(None, None, ListTask(entry(i) for i in range(1000)), set(), 0, None, cfg,
-                                                 None, "test")
+    questions = T.Questions(ListTask(entry(i) for i in range(1000)), set())
+    buffer, sampled, stats = grpo.fill_buffer(None, None, questions, None, cfg, None, "test")
     assert buffer == [] and stats["rollouts"] == 2 * 3 and stats["dropped_group_rate"] == 1.0
 
 
@@ -89,16 +90,17 @@ def test_training_questions_skip_the_eval_questions(monkeypatch):
     monkeypatch.setattr(grpo, "rollout", fake_rollout([[1, 0]]))
     cfg = dataclasses.replace(grpo.Config(), exploration_batchsize=2, G=2, buffer_size=4)
     task = ListTask(entry(i) for i in range(10))
-    buffer, _, index, _ = grpo.fill_buffer(None, None, task, {"q0", "q2"}, 0, None, cfg, None, "test")
-    assert [s["question"] for s in buffer[::2]] == ["q1", "q3"] and index == 4
+    questions = T.Questions(task, {"q0", "q2"})
+    buffer, _, _ = grpo.fill_buffer(None, None, questions, None, cfg, None, "test")
+    assert [s["question"] for s in buffer[::2]] == ["q1", "q3"] and questions.index == 4
 
 
 def test_the_last_rollout_draws_only_the_questions_the_buffer_still_needs(monkeypatch):
     monkeypatch.setattr(grpo, "rollout", fake_rollout([[1, 0]]))
     cfg = dataclasses.replace(grpo.Config(), exploration_batchsize=4, G=2, buffer_size=11)
-    buffer, sampled, index, stats = grpo.fill_buffer(None, None, ListTask(entry(i) for i in range(100)), set(), 0,
-                                                     None, cfg, None, "test")
-    assert len(buffer) == len(sampled) == 12 and index == 6 and stats["rollouts"] == 2  # 4 questions, then 2
+    questions = T.Questions(ListTask(entry(i) for i in range(100)), set())
+    buffer, sampled, stats = grpo.fill_buffer(None, None, questions, None, cfg, None, "test")
+    assert len(buffer) == len(sampled) == 12 and questions.index == 6 and stats["rollouts"] == 2  # 4 questions, then 2
 
 
 @pytest.mark.parametrize("length, penalty", [(10, 0.0), (250, 0.0), (275, -0.5), (300, -1.0)])
@@ -107,7 +109,7 @@ def test_overlong_penalty_ramps_down_in_the_last_tokens(length, penalty):
 
 
 def test_a_mix_of_tasks_scores_each_answer_with_its_own_verifier():
-    mix = grpo.load_task("syllogism@1,basic_arithmetic@1", 200, 0)
+    mix = T.make_task("syllogism@1,basic_arithmetic@1", 200, 0)
     sources = {T.source(e) for e in mix}
     assert sources == {"syllogism", "basic_arithmetic"}
     arithmetic = next(e for e in mix if T.source(e) == "basic_arithmetic")
@@ -121,7 +123,7 @@ def test_jsonl_task_reads_gsm8k_answers_and_compares_numbers(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text(json.dumps({"question": "2+2?", "answer": "Two plus two.\n#### 4"}) + "\n"
                     + json.dumps({"question": "Capital of France?", "answer": "Paris"}) + "\n")
-    task = grpo.load_task(str(path), 10**8, 0)
+    task = T.make_task(str(path), 10**8, 0)
     by_q = {e["question"]: e for e in task}
     four, paris = by_q["2+2?"], by_q["Capital of France?"]
     assert four["answer"] == "4" and T.source(four) == "mine.jsonl"
@@ -129,12 +131,11 @@ def test_jsonl_task_reads_gsm8k_answers_and_compares_numbers(tmp_path):
     assert [task.score_answer(a, paris) for a in ("paris", " Paris ", "Lyon", None)] == [1.0, 1.0, 0.0, 0.0]
 
 
-def test_a_bad_jsonl_line_gives_its_line_number(tmp_path, capsys):
+def test_a_bad_jsonl_line_gives_its_line_number(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"question": "a", "answer": "1"}\n{"question": "b"}\n')
-    with pytest.raises(SystemExit) as e:
-        grpo.load_task(str(path), 10, 0)
-    assert e.value.code == 2 and "bad.jsonl:2:" in capsys.readouterr().err
+    with pytest.raises(BadInput, match="bad.jsonl:2:"):
+        T.make_task(str(path), 10, 0)
 
 
 def test_a_short_run_with_every_method_on_logs_its_metrics(tiny_model_dir, tmp_path):

