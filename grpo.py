@@ -36,8 +36,8 @@ at all; log-probs are computed only at completion positions, in chunks, so no (t
 the whole batch ever exists; on CPU in fp32, weights that stay fixed for a while (all of them while sampling,
 LoRA's base weights while training) are multiplied in oneDNN's packed layout (packed.py).
 """
+import contextlib
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 import ddp
 import flags
+import report
 import reward as R
 import rundir
 import tasks as T
@@ -62,10 +63,6 @@ SYSTEM_PROMPT = (
     "<think> reasoning here </think> <answer> answer here </answer>."
 )
 EVAL_SEED = 10**9  # the held-out questions: a seed far from any training seed, the same set in every run
-NO_FORMAT = ("a model that never writes the tags gives GRPO nothing to learn from (every reward the same): warm it up "
-             "first with python sft.py, then --init_from out-sft/ckpt.pt")
-FEW_MIXED = ("GRPO learns only from groups whose answers differ, so it has little to learn from here: raise "
-             "--temperature, pick a task of middling difficulty for this model, or warm up for fewer epochs")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -84,8 +81,7 @@ class Config:
     seed: int = opt(0, "seed for questions, sampling and shuffling", at_least=0)
     # rollout
     max_new_tokens: int = opt(300, "longest completion; longer ones are cut and marked truncated", at_least=1)
-    exploration_batchsize: int = opt(32, "questions per rollout (sampled at once: more rows, faster per token)",
-                                     at_least=1)
+    exploration_batchsize: int = opt(32, "questions per rollout, sampled at once (more rows: faster)", at_least=1)
     G: int = opt(6, "completions sampled per question (the group; GRPO compares them)", at_least=2)
     temperature: float = opt(0.7, "sampling temperature (also used for every log-prob)", above=0)
     top_p: float = opt(0.95, "nucleus sampling: smallest set of tokens with this much probability", above=0, at_most=1)
@@ -94,33 +90,29 @@ class Config:
     w_correct: float = opt(0.85, "weight of correctness (reasoning-gym score) in the reward")
     w_format: float = opt(0.15, "weight of the <think>..</think><answer>..</answer> format in the reward")
     w_length: float = opt(0.0, "weight of the Kimi 1.5 length reward (shorter correct answers earn more)")
-    w_overlong: float = opt(0.0, "weight of DAPO's soft overlong penalty (0 down to -1 in the last overlong_buffer tokens)")
+    w_overlong: float = opt(0.0, "weight of DAPO's soft overlong penalty (0 to -1 over the last overlong_buffer)")
     overlong_buffer: int = opt(50, "tokens before max_new_tokens where the overlong penalty ramps down", at_least=0)
-    w_difficulty: float = opt(0.0, "bonus w * (1 - pass rate) for a correct answer (takes effect with --scale_rewards none)")
+    w_difficulty: float = opt(0.0, "bonus w * (1 - pass rate) for a correct answer (acts with --scale_rewards none)")
     dynamic_sampling: bool = opt(False, "DAPO: drop groups whose answers are all right or all wrong, sample more")
-    dynamic_sampling_bound: float = opt(3.0, "with dynamic sampling: at most this many times the usual rollouts per step",
-                                        at_least=1)
-    pool_size: int = opt(0, "curriculum: draw questions from a pool of this many, favouring mid pass rates (0: off)",
-                         at_least=0)
-    retire_after: int = opt(2, "curriculum: retire a question solved by every sample on its last this-many visits",
-                            at_least=1)
-    scale_rewards: str = opt("group", "group: divide advantages by the group's reward std; none: don't (Dr. GRPO)",
+    dynamic_sampling_bound: float = opt(3.0, "dynamic sampling: at most this many times the usual rollouts", at_least=1)
+    pool_size: int = opt(0, "curriculum: a pool of this many questions, mid pass rates drawn most (0: off)", at_least=0)
+    retire_after: int = opt(2, "curriculum: retire a question all samples solved on its last N visits", at_least=1)
+    scale_rewards: str = opt("group", "group: advantages divided by the group's std; none: not (Dr. GRPO)",
                              choices=("group", "none"))
     # update
     batch_size: int = opt(16, "sequences per minibatch (one forward/backward)", at_least=1)
     gradient_accumulation_steps: int = opt(12, "minibatches per optimizer step", at_least=1)
     ppo_epochs: int = opt(1, "passes over the buffer per step", at_least=1)
     learning_rate: float = opt(5e-5, "AdamW learning rate", at_least=0)
-    warmup_steps: int = opt(10, "the learning rate rises linearly to its value over this many optimizer steps (0: none)",
-                            at_least=0)
+    warmup_steps: int = opt(10, "the learning rate rises linearly over this many optimizer steps (0: none)", at_least=0)
     weight_decay: float = opt(0.0, "AdamW weight decay", at_least=0)
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0: no clipping)", at_least=0)
     eps_low: float = opt(0.2, "PPO clip: ratio kept above 1 - eps_low", at_least=0, below=1)
     eps_high: float = opt(0.2, "PPO clip: ratio kept below 1 + eps_high (DAPO raises it)", at_least=0)
-    loss_agg: str = opt("seq", "seq (DeepSeek), token (DAPO) or dr_grpo: how token losses are averaged",
-                        choices=("seq", "token", "dr_grpo"))
+    loss_agg: str = opt("seq", "token losses averaged per sequence (seq: DeepSeek), per token (token: DAPO) or "
+                               "over sequences x max_new_tokens (dr_grpo)", choices=("seq", "token", "dr_grpo"))
     beta: float = opt(0.0, "KL penalty weight against the base model (LoRA off); 0 = no KL", at_least=0)
-    grad_checkpoint: bool = opt(False, "recompute each block in backward: training memory of ~1 block, ~30 percent more compute")
+    grad_checkpoint: bool = opt(False, "recompute each block in backward: memory of ~1 block, ~30 percent more compute")
     # LoRA
     lora_r: int = opt(32, "LoRA rank; 0 trains the full model", at_least=0)
     lora_alpha: float = opt(64.0, "LoRA scale numerator: the update is (alpha / r) * B @ A", above=0)
@@ -131,11 +123,10 @@ class Config:
     eval_size: int = opt(200, "held-out questions in each eval", at_least=1)
     eval_samples: int = opt(0, "also sample this many answers per eval question (at --temperature): mean@k, pass@k, "
                                "and the share of questions whose answers disagree (0: greedy only)", at_least=0)
-    save_interval: int = opt(1, "write out_dir/ckpt.pt every this many steps (and on the last step, SIGTERM, Ctrl-C)",
-                             at_least=1)
+    save_interval: int = opt(1, "write ckpt.pt every this many steps (and at the end, on SIGTERM, Ctrl-C)", at_least=1)
     eval_only: bool = opt(False, "evaluate and exit")
     resume: bool = opt(False, "continue the run in out_dir from its ckpt.pt")
-    overwrite: bool = opt(False, "start a new run in an out_dir that holds one (the old run is moved aside, not deleted)")
+    overwrite: bool = opt(False, "start anew in an out_dir that holds a run (which is moved aside, not deleted)")
     init_from: str = opt("", "start from this checkpoint's weights (an sft.py or grpo.py ckpt.pt)")
 
 
@@ -146,7 +137,7 @@ def check_config(cfg: Config) -> None:
         fail("--dynamic_sampling and --pool_size run in a single process for now (not under torchrun)")
     for name in ("exploration_batchsize", "batch_size"):
         if getattr(cfg, name) % world:
-            fail(f"--{name} {getattr(cfg, name)} does not divide among {world} processes: make it a multiple of {world}")
+            fail(f"--{name} {getattr(cfg, name)} does not divide among {world} processes: use a multiple of {world}")
     if cfg.resume and cfg.init_from:
         fail("--resume continues out_dir's own run; --init_from starts a new one: pass one of them")
 
@@ -158,8 +149,9 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float):
         super().__init__()
         self.base, self.scale, self.enabled = base, alpha / r, True
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype, device=base.weight.device))
+        like = dict(dtype=base.weight.dtype, device=base.weight.device)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
 
     def forward(self, x):
@@ -196,18 +188,16 @@ def trainable_state_dict(model: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
 
 
-class lora_disabled:
-    """with lora_disabled(model): the base model (the reference policy of the KL), without a second copy."""
-
-    def __init__(self, model: nn.Module):
-        self.layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-
-    def __enter__(self):
-        for m in self.layers:
-            m.enabled = False
-
-    def __exit__(self, *exc):
-        for m in self.layers:
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module):
+    """The base model (the reference policy of the KL), without a second copy in memory."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
             m.enabled = True
 
 
@@ -641,53 +631,21 @@ def evaluate(model, tok, entries: list[dict], score_fn, max_new_tokens: int, sam
                 rows[-1]["sampled_correct"] = sum(R.score_completion(t, e, score_fn)["correct"] for t in texts)
     rows = ddp.gather(rows)
     n, answers = len(rows), [str(e["answer"]) for e in all_entries]
-    metrics = {**rate("eval_accuracy", [r["correct"] for r in rows]),
+    metrics = {**report.rate("eval_accuracy", [r["correct"] for r in rows]),
                "eval_format_rate": sum(r["format"] for r in rows) / n,
                "eval_len_mean": sum(r["length"] for r in rows) / n,
                "eval_truncated_rate": sum(r["truncated"] for r in rows) / n,
                "eval_majority_rate": max(answers.count(a) for a in set(answers)) / n}
     if samples:
         k = [r["sampled_correct"] for r in rows]
-        metrics.update(eval_samples=samples, **rate("eval_mean_at_k", [c / samples for c in k]),
-                       **rate("eval_pass_at_k", [c > 0 for c in k]),
+        metrics.update(eval_samples=samples, **report.rate("eval_mean_at_k", [c / samples for c in k]),
+                       **report.rate("eval_pass_at_k", [c > 0 for c in k]),
                        eval_mixed_rate=sum(0 < c < samples for c in k) / n)
     sources = sorted({r["source"] for r in rows})
     for src in sources if len(sources) > 1 else []:  # a mix of tasks: accuracy on each
         mine = [r for r in rows if r["source"] == src]
         metrics[f"eval_accuracy/{src}"] = sum(r["correct"] for r in mine) / len(mine)
     return metrics, rows
-
-
-def rate(name: str, values: list) -> dict:
-    """The mean of per-question values (0/1, or fractions) and its standard error over questions."""
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-    return {name: mean, f"{name}_se": math.sqrt(var / n)}
-
-
-def paired_gain(before: list[bool], after: list[bool]) -> dict:
-    """The change of accuracy on the same questions, with the standard error of the paired differences and
-    McNemar's exact p-value (two-sided): of the questions whose verdict changed, how lopsided the changes are."""
-    d = [int(a) - int(b) for a, b in zip(after, before)]
-    up, down = d.count(1), d.count(-1)
-    tail = sum(math.comb(up + down, i) for i in range(min(up, down) + 1)) / 2 ** (up + down)
-    return {**rate("eval_gain", d), "eval_gain_up": up, "eval_gain_down": down, "eval_gain_p": min(1.0, 2 * tail)}
-
-
-def eval_line(m: dict) -> str:
-    """The eval's one line: every accuracy with its standard error, next to what a constant answer scores."""
-    line = (f"eval: accuracy {m['eval_accuracy']:.3f} ± {m['eval_accuracy_se']:.3f} (always answering the most common "
-            f"answer: {m['eval_majority_rate']:.3f})")
-    if "eval_mean_at_k" in m:
-        k = m["eval_samples"]
-        line += (f" | mean@{k} {m['eval_mean_at_k']:.3f} ± {m['eval_mean_at_k_se']:.3f} | pass@{k} "
-                 f"{m['eval_pass_at_k']:.3f} ± {m['eval_pass_at_k_se']:.3f} | mixed {m['eval_mixed_rate']:.2f}")
-    line += f" | format {m['eval_format_rate']:.3f} | len {m['eval_len_mean']:.0f}"
-    if "eval_gain" in m:
-        line += (f" | vs step 0: {100 * m['eval_gain']:+.1f} ± {100 * m['eval_gain_se']:.1f} points (paired, "
-                 f"{m['eval_gain_up']} right now / {m['eval_gain_down']} wrong now; McNemar p {m['eval_gain_p']:.2g})")
-    return line
 
 
 def buffer_stats(buffer: list[dict]) -> dict:
@@ -707,8 +665,8 @@ def eval_step(model, tok, eval_entries, score_fn, cfg: Config, step: int, eval_s
                              cfg.temperature, cfg.top_p)
     verdicts = [r["correct"] for r in rows]
     if eval_start and step > 0:
-        metrics.update(paired_gain(eval_start, verdicts))
-    print(eval_line(metrics), flush=True)
+        metrics.update(report.paired_gain(eval_start, verdicts))
+    print(report.eval_line(metrics), flush=True)
     run.samples([{"step": step, "split": "eval", **r} for r in rows[:8]])
     return metrics, verdicts
 
@@ -730,7 +688,7 @@ def main(cfg: Config):
     train_set = T.make_task(cfg.task, 10**8, cfg.seed)
     eval_set = T.make_task(cfg.eval_task or cfg.task, cfg.eval_size, EVAL_SEED)
     eval_entries = T.eval_entries(eval_set, cfg.eval_size)
-    questions = T.Questions(train_set, held_out={e["question"] for e in eval_entries})  # never train on an eval question
+    questions = T.Questions(train_set, held_out={e["question"] for e in eval_entries})  # never an eval question
     pool = T.Pool(cfg.pool_size, cfg.retire_after) if cfg.pool_size else None
     model, tok = weights.load(cfg.model, device, dtype)
     if device == "cpu":
@@ -754,11 +712,7 @@ def main(cfg: Config):
         run.log({"step": step, **metrics})
         if cfg.eval_only:
             return
-        if metrics["eval_format_rate"] == 0:
-            print(f"eval: no answer was well-formed; {NO_FORMAT}")
-        elif metrics.get("eval_mixed_rate", 1) < 0.1:
-            print(f"eval: only {metrics['eval_mixed_rate']:.0%} of the questions got both right and wrong sampled "
-                  f"answers; {FEW_MIXED}")
+        print(report.before_training(metrics), end="")
 
     stop = rundir.StopOnSignal()  # SIGTERM or Ctrl-C: finish the step, checkpoint, exit
     while step < cfg.max_steps:
@@ -773,16 +727,12 @@ def main(cfg: Config):
         row = {"step": step, **buffer_stats(sampled), **fill_stats, **stats, "step_s": time.time() - t0,
                "sample_s": sample_s}
         row.update(tokens_per_s=row["n_tokens"] / row["step_s"], sample_tokens_per_s=row["n_tokens"] / sample_s)
-        print(f"step {step}/{cfg.max_steps} | reward {row['reward_mean']:.2f}±{row['reward_std']:.2f} | "
-              f"correct {row['correct_rate']:.2f} | format {row['format_rate']:.2f} | "
-              f"len {row['completion_len_mean']:.0f} | clip {row['clip_frac']:.2f} | loss {row['loss']:.4f} | "
-              f"{row['step_s']:.1f}s", flush=True)
-        if row["format_rate"] == 0:
-            print(f"step {step}: no completion was well-formed; {NO_FORMAT}")
+        print(report.step_line(row, cfg.max_steps, cfg.max_new_tokens), flush=True)
         if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
             row.update(eval_step(model, tok, eval_entries, eval_set.score_answer, cfg, step, eval_start, run)[0])
         run.log(row)
-        run.samples([{"step": step, "split": "train", **{k: s[k] for k in rundir.SAMPLE_KEYS}} for s in sampled[:cfg.G]])
+        run.samples([{"step": step, "split": "train", **{k: s[k] for k in rundir.SAMPLE_KEYS}}
+                     for s in sampled[:cfg.G]])  # one question's group: its completions side by side
         # 4) checkpoint; a signal is read by all processes together, after the step
         stopping = stop.requested()
         if step % cfg.save_interval == 0 or step == cfg.max_steps or stopping:

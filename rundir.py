@@ -5,7 +5,7 @@ rundir.py: the files of one run, in its out_dir, and how they survive a crash.
     samples.jsonl  one group of completions per step and a few eval answers, with their reward parts
     ckpt.pt        trained weights, optimizer, config, step, data position, RNG states, curriculum, the step-0 eval's
                    verdicts; written to a temporary file and renamed, so a crash never leaves a broken one
-    curves.png     reward, train correctness and format, eval accuracy against the step
+    curves.png     reward, train correctness and format, eval accuracy against the step (report.py)
 
 An out_dir holds one run: a new run refuses an out_dir that holds one, unless told to --resume it or to
 --overwrite it (the old run is then moved aside, never deleted). Only the first process writes.
@@ -20,6 +20,7 @@ import time
 import torch
 
 import ddp
+import report
 from flags import fail
 
 SAMPLE_KEYS = ("question", "text", "reward", "correctness", "format", "length_reward", "overlong", "difficulty_bonus",
@@ -68,7 +69,7 @@ class Run:
             os.makedirs(self.out_dir, exist_ok=True)
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            write_plot(self.out_dir, self.rows)
+            report.write_plot(self.out_dir, self.rows)
 
     def samples(self, rows: list[dict]) -> None:
         if self.write:
@@ -159,30 +160,3 @@ class StopOnSignal:
     def requested(self) -> bool:
         """Whether any process got a signal (all processes read it together, so they stop at the same step)."""
         return bool(ddp.all_sum(torch.tensor(self.signals)))
-
-
-def write_plot(out_dir: str, log: list[dict]) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    train = [r for r in log if "reward_mean" in r]
-    ev = [r for r in log if "eval_accuracy" in r]
-    ax[0].plot([r["step"] for r in train], [r["reward_mean"] for r in train], label="reward")
-    ax[0].plot([r["step"] for r in train], [r["correct_rate"] for r in train], label="correct (train)")
-    ax[0].plot([r["step"] for r in train], [r["format_rate"] for r in train], label="format (train)")
-    ax[1].errorbar([r["step"] for r in ev], [r["eval_accuracy"] for r in ev], [r["eval_accuracy_se"] for r in ev],
-                   fmt="o-", capsize=3, label="eval accuracy (greedy, ± SE)")
-    if ev and "eval_mean_at_k" in ev[0]:
-        ax[1].plot([r["step"] for r in ev], [r["eval_mean_at_k"] for r in ev], "s-", label="eval mean@k (sampled)")
-    ax[1].plot([r["step"] for r in ev], [r["eval_majority_rate"] for r in ev], "--", label="most common answer")
-    for a in ax:
-        a.set_xlabel("step")
-        a.legend()
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=80)
-    plt.close(fig)

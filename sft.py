@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import flags
 import grpo
+import report
 import reward as R
 import rundir
 import tasks as T
@@ -347,7 +348,7 @@ def main(cfg: SFTConfig):
 
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "w")
     before, _ = grpo.evaluate(model, tok, eval_entries, eval_set.score_answer, cfg.max_new_tokens)
-    print("before SFT " + grpo.eval_line(before))
+    print("before SFT " + report.eval_line(before))
     log.write(json.dumps({"stage": "before", **before}) + "\n")
     grpo.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
     t0 = time.time()
@@ -355,7 +356,7 @@ def main(cfg: SFTConfig):
     train_s = time.time() - t0
     after, rows = grpo.evaluate(model, tok, eval_entries, eval_set.score_answer, cfg.max_new_tokens, cfg.eval_samples,
                                 cfg.eval_temperature, cfg.eval_top_p)
-    print("after SFT  " + grpo.eval_line(after))
+    print("after SFT  " + report.eval_line(after))
     log.write(json.dumps({"stage": "after", "train_s": train_s, "loss_first": losses[0], "loss_last": losses[-1],
                           "examples": len(examples), **after}) + "\n")
     with open(os.path.join(cfg.out_dir, "samples.jsonl"), "w") as f:

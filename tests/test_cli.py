@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import grpo
+import report
 import tasks as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,9 +87,9 @@ def test_a_training_run_logs_every_step_checkpoints_and_resumes(tiny_model_dir, 
 def test_a_model_that_never_writes_the_tags_is_told_to_warm_up_first(tiny_model_dir, tmp_path, capsys):
     grpo.main(small_config(tiny_model_dir, tmp_path / "run", max_steps=1))  # a random model: no tags, ever
     out = capsys.readouterr().out
-    assert "eval: no answer was well-formed; " + grpo.NO_FORMAT in out
-    assert "step 1: no completion was well-formed; " + grpo.NO_FORMAT in out
-    assert "python sft.py" in grpo.NO_FORMAT and read_log(tmp_path / "run")[1]["format_rate"] == 0
+    assert "eval: no answer was well-formed; " + report.NO_FORMAT in out
+    assert "step 1: no completion was well-formed; " + report.NO_FORMAT in out
+    assert "python sft.py" in report.NO_FORMAT and read_log(tmp_path / "run")[1]["format_rate"] == 0
 
 
 def test_eval_only_from_a_checkpoint_reports_the_same_accuracy(tiny_model_dir, tmp_path):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import grpo
 import model as M
 import packed
+import report
 import rundir
 from conftest import EOS, hf_twin, logits, padded_sequences, tiny_model
 from flags import BadInput
@@ -518,17 +519,17 @@ def test_gradient_checkpointing_gives_the_same_gradient():
 
 
 def test_rate_is_the_mean_with_the_standard_error_over_questions():
-    r = grpo.rate("acc", [1, 0, 1, 1])
+    r = report.rate("acc", [1, 0, 1, 1])
     assert r["acc"] == 0.75 and r["acc_se"] == pytest.approx((0.25 / 4) ** 0.5)  # sample variance 0.25, n 4
-    assert grpo.rate("acc", [1]) == {"acc": 1.0, "acc_se": 0.0}
+    assert report.rate("acc", [1]) == {"acc": 1.0, "acc_se": 0.0}
 
 
 def test_paired_gain_counts_the_questions_that_changed_and_mcnemar_p():
     before = [0] * 10 + [1] * 5 + [0] * 85
     after = [1] * 10 + [1] * 5 + [0] * 85  # 10 questions turned right, none wrong
-    g = grpo.paired_gain(before, after)
+    g = report.paired_gain(before, after)
     assert g["eval_gain"] == pytest.approx(0.10) and (g["eval_gain_up"], g["eval_gain_down"]) == (10, 0)
     assert g["eval_gain_p"] == pytest.approx(2 / 2 ** 10)  # two-sided exact binomial, 10 of 10 one way
     assert g["eval_gain_se"] == pytest.approx((sum((d - 0.1) ** 2 for d in [1] * 10 + [0] * 90) / 99 / 100) ** 0.5)
-    even = grpo.paired_gain([1, 0, 1, 0], [0, 1, 0, 1])  # as many turned wrong as right: no evidence at all
+    even = report.paired_gain([1, 0, 1, 0], [0, 1, 0, 1])  # as many turned wrong as right: no evidence at all
     assert even["eval_gain"] == 0 and even["eval_gain_p"] == 1.0

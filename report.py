@@ -1,0 +1,94 @@
+"""
+report.py: what a run reports. Accuracies over held-out questions with their standard errors, the paired gain of
+one eval over another on the same questions (with McNemar's test), the eval's one line, and curves.png.
+"""
+import math
+import os
+
+NO_FORMAT = ("a model that never writes the tags gives GRPO nothing to learn from (every reward the same): warm it up "
+             "first with python sft.py, then --init_from out-sft/ckpt.pt")
+FEW_MIXED = ("GRPO learns only from groups whose answers differ, so it has little to learn from here: raise "
+             "--temperature, pick a task of middling difficulty for this model, or warm up for fewer epochs")
+
+
+def rate(name: str, values: list) -> dict:
+    """The mean of per-question values (0/1, or fractions) and its standard error over questions."""
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return {name: mean, f"{name}_se": math.sqrt(var / n)}
+
+
+def paired_gain(before: list[bool], after: list[bool]) -> dict:
+    """The change of accuracy on the same questions, with the standard error of the paired differences and
+    McNemar's exact p-value (two-sided): of the questions whose verdict changed, how lopsided the changes are."""
+    d = [int(a) - int(b) for a, b in zip(after, before)]
+    up, down = d.count(1), d.count(-1)
+    tail = sum(math.comb(up + down, i) for i in range(min(up, down) + 1)) / 2 ** (up + down)
+    return {**rate("eval_gain", d), "eval_gain_up": up, "eval_gain_down": down, "eval_gain_p": min(1.0, 2 * tail)}
+
+
+def eval_line(m: dict) -> str:
+    """The eval's one line: every accuracy with its standard error, next to what a constant answer scores."""
+    line = (f"eval: accuracy {m['eval_accuracy']:.3f} ± {m['eval_accuracy_se']:.3f} (always answering the most common "
+            f"answer: {m['eval_majority_rate']:.3f})")
+    if "eval_mean_at_k" in m:
+        k = m["eval_samples"]
+        line += (f" | mean@{k} {m['eval_mean_at_k']:.3f} ± {m['eval_mean_at_k_se']:.3f} | pass@{k} "
+                 f"{m['eval_pass_at_k']:.3f} ± {m['eval_pass_at_k_se']:.3f} | mixed {m['eval_mixed_rate']:.2f}")
+    line += f" | format {m['eval_format_rate']:.3f} | len {m['eval_len_mean']:.0f}"
+    if "eval_gain" in m:
+        line += (f" | vs step 0: {100 * m['eval_gain']:+.1f} ± {100 * m['eval_gain_se']:.1f} points (paired, "
+                 f"{m['eval_gain_up']} right now / {m['eval_gain_down']} wrong now; McNemar p {m['eval_gain_p']:.2g})")
+    return line
+
+
+def before_training(m: dict) -> str:
+    """What the first eval says about the learning signal to come ('' when all is well)."""
+    if m["eval_format_rate"] == 0:
+        return f"eval: no answer was well-formed; {NO_FORMAT}\n"
+    if m.get("eval_mixed_rate", 1) < 0.1:
+        return (f"eval: only {m['eval_mixed_rate']:.0%} of the questions got both right and wrong sampled answers; "
+                f"{FEW_MIXED}\n")
+    return ""
+
+
+def step_line(row: dict, max_steps: int, max_new_tokens: int) -> str:
+    """The step's one line, and a line for each silent failure: no well-formed completion, most of them cut off."""
+    line = (f"step {row['step']}/{max_steps} | reward {row['reward_mean']:.2f}±{row['reward_std']:.2f} | "
+            f"correct {row['correct_rate']:.2f} | format {row['format_rate']:.2f} | len {row['completion_len_mean']:.0f} "
+            f"| clip {row['clip_frac']:.2f} | loss {row['loss']:.4f} | {row['step_s']:.1f}s")
+    if row["format_rate"] == 0:
+        line += f"\nstep {row['step']}: no completion was well-formed; {NO_FORMAT}"
+    if row["truncated_rate"] > 0.5:
+        line += (f"\nstep {row['step']}: {row['truncated_rate']:.0%} of the completions were cut at --max_new_tokens "
+                 f"{max_new_tokens} before their end (EOS): their answers are lost; raise --max_new_tokens, or make "
+                 f"length cost something (--w_overlong 0.5)")
+    return line
+
+
+def write_plot(out_dir: str, log: list[dict]) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    train = [r for r in log if "reward_mean" in r]
+    ev = [r for r in log if "eval_accuracy" in r]
+    ax[0].plot([r["step"] for r in train], [r["reward_mean"] for r in train], label="reward")
+    ax[0].plot([r["step"] for r in train], [r["correct_rate"] for r in train], label="correct (train)")
+    ax[0].plot([r["step"] for r in train], [r["format_rate"] for r in train], label="format (train)")
+    ax[1].errorbar([r["step"] for r in ev], [r["eval_accuracy"] for r in ev], [r["eval_accuracy_se"] for r in ev],
+                   fmt="o-", capsize=3, label="eval accuracy (greedy, ± SE)")
+    if ev and "eval_mean_at_k" in ev[0]:
+        ax[1].plot([r["step"] for r in ev], [r["eval_mean_at_k"] for r in ev], "s-", label="eval mean@k (sampled)")
+    ax[1].plot([r["step"] for r in ev], [r["eval_majority_rate"] for r in ev], "--", label="most common answer")
+    for a in ax:
+        a.set_xlabel("step")
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=80)
+    plt.close(fig)
