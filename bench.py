@@ -17,18 +17,21 @@ the inputs; the LoRA weight gradients are small). Ratios, not seconds, are what 
 machine. Every measurement follows a warm-up run of the same code (HF generate's too), so the numbers are
 those of a run in progress, not of a first call.
 """
-import argparse
 import dataclasses
 import json
 import resource
 import time
 
+from dataclasses import dataclass
+
 import torch
 
+import flags
 import grpo
 import model as M
 import tasks as T
 import weights
+from flags import opt
 from packed import frozen_linears, keep_freed_memory
 
 
@@ -50,15 +53,17 @@ def matmul_gflops(device, dtype, n=2048, reps=10, tries=5) -> float:
     return 2 * n ** 3 * reps / s / 1e9
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    ap.add_argument("--model", default="SmolLM-135M")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--new_tokens", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=3, help="GRPO steps to time (the median is reported)")
-    args = ap.parse_args()
+@dataclass
+class BenchConfig:
+    json: bool = opt(False, "print one JSON object instead of a table")
+    model: str = opt("SmolLM-135M", "the model to measure (as grpo.py's --model)")
+    device: str = opt("auto", "cpu, cuda, or auto", choices=("auto", "cpu", "cuda"))
+    dtype: str = opt("auto", "float32, bfloat16, float16, or auto (as grpo.py)", choices=("auto", "float32", "bfloat16", "float16"))
+    new_tokens: int = opt(128, "tokens sampled per row (no early stop)", at_least=1)
+    steps: int = opt(3, "GRPO steps to time (the median is reported)", at_least=1)
+
+
+def main(args: BenchConfig):
     device, dtype = weights.resolve_device(args.device, args.dtype)
     cfg = dataclasses.replace(grpo.Config(), model=args.model, max_new_tokens=args.new_tokens, exploration_batchsize=8,
                               buffer_size=48, batch_size=16, gradient_accumulation_steps=3)  # 8 x 6: one optimizer step
@@ -180,4 +185,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    flags.run(main, BenchConfig, __doc__)

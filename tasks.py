@@ -42,8 +42,10 @@ def parse_spec(spec: str) -> list[tuple[str, float, dict]]:
             if not eq:
                 fail(f"task setting {kv!r} in {spec!r}: write key=value, e.g. syllogism:invalid_ratio=0.5")
             try:
-                kwargs[key] = json.loads(value)  # numbers, true/false; anything else stays a string
+                kwargs[key] = json.loads(value)  # numbers, true/false, [lists]; anything else stays a string
             except json.JSONDecodeError:
+                if value.startswith(("[", "{")):
+                    fail(f"task setting {kv!r} in {spec!r}: {value} is not valid JSON (e.g. weights=[1.0,0,0])")
                 kwargs[key] = value
         try:
             parts.append((name, float(weight or 1), kwargs))
@@ -67,11 +69,14 @@ def make_task(spec: str, size: int, seed: int):
     try:
         if len(parts) == 1:
             name, _, kwargs = parts[0]
-            return reasoning_gym.create_dataset(name, size=size, seed=seed, **kwargs)
-        from reasoning_gym.composite import DatasetSpec
-        specs = [DatasetSpec(name=n, weight=w, config=kw) for n, w, kw in parts]
-        return reasoning_gym.create_dataset("composite", size=size, seed=seed, datasets=specs)
-    except (TypeError, AssertionError, ValueError) as e:
+            task = reasoning_gym.create_dataset(name, size=size, seed=seed, **kwargs)
+        else:
+            from reasoning_gym.composite import DatasetSpec
+            specs = [DatasetSpec(name=n, weight=w, config=kw) for n, w, kw in parts]
+            task = reasoning_gym.create_dataset("composite", size=size, seed=seed, datasets=specs)
+        task[0]  # a setting of the wrong kind often fails only when an item is made: now, not mid-run
+        return task
+    except (TypeError, AssertionError, ValueError, KeyError, IndexError) as e:
         fail(f"task {spec!r}: {e or 'invalid setting'}")
 
 

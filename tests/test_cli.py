@@ -114,3 +114,28 @@ def test_eval_samples_log_mean_pass_and_mixed_rate_and_leave_training_untouched(
     timing = {"step_s", "sample_s", "tokens_per_s", "sample_tokens_per_s"}
     same = lambda row: {k: v for k, v in row.items() if not k.startswith("eval_") and k not in timing}
     assert [same(r) for r in plain] == [same(r) for r in sampled]  # the eval's own random stream
+
+
+def test_a_second_run_never_overwrites_or_mixes_into_the_first(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    grpo.main(small_config(tiny_model_dir, out, max_steps=1))
+    before = {f: (out / f).read_bytes() for f in ("ckpt.pt", "log.jsonl", "samples.jsonl")}
+    r = run_cli("--model", tiny_model_dir, "--out_dir", str(out), "--max_new_tokens", "8")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "holds a run already: --resume continues it, --overwrite starts again" in r.stderr
+    assert {f: (out / f).read_bytes() for f in before} == before  # the first run, byte for byte
+    grpo.main(small_config(tiny_model_dir, out, max_steps=2, overwrite=True))  # moved aside, not deleted
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and {f: (aside[0] / f).read_bytes() for f in before} == before
+    assert [row["step"] for row in read_log(out)] == [0, 1, 2]  # one run per log
+
+
+def test_a_second_warmup_never_overwrites_the_first(tmp_path):
+    import sft
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "ckpt.pt").write_bytes(b"a finished warmup")
+    r = subprocess.run([sys.executable, "sft.py", "--out_dir", str(tmp_path / "sft")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "holds a run already" in r.stderr and "--overwrite" in r.stderr
+    assert (tmp_path / "sft" / "ckpt.pt").read_bytes() == b"a finished warmup"
+    assert sft.SFTConfig.__dataclass_fields__["overwrite"].default is False
