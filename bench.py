@@ -64,10 +64,10 @@ class BenchConfig:
 
 
 def main(args: BenchConfig):
-    device, dtype = weights.resolve_device(args.device, args.dtype)
+    device, dtype, why = weights.resolve_device(args.device, args.dtype)
     cfg = dataclasses.replace(grpo.Config(), model=args.model, max_new_tokens=args.new_tokens, exploration_batchsize=8,
                               buffer_size=48, batch_size=16, gradient_accumulation_steps=3)  # 8 x 6: one optimizer step
-    model, tok = weights.load(cfg.model, device, dtype)
+    model, tok = weights.load(cfg.model, device, dtype, why)
     if device == "cpu":
         keep_freed_memory()  # as grpo.py does
     n_params = sum(p.numel() for p in model.parameters())

@@ -76,7 +76,7 @@ class Config:
     eval_task: str = opt("", "evaluate on this task instead (same syntax as --task): does the skill carry over?")
     out_dir: str = opt("out", "where log.jsonl, samples.jsonl, ckpt.pt and curves.png go")
     device: str = opt("auto", "cpu, cuda, or auto (cuda if available)", choices=("auto", "cpu", "cuda"))
-    dtype: str = opt("auto", "float32, bfloat16, float16, or auto (bfloat16 on cuda, float32 on cpu)",
+    dtype: str = opt("auto", "float32, bfloat16, float16, or auto (bf16 on cuda, and on a CPU where bf16 is fast)",
                      choices=("auto", "float32", "bfloat16", "float16"))
     seed: int = opt(0, "seed for questions, sampling and shuffling", at_least=0)
     # rollout
@@ -143,13 +143,15 @@ def check_config(cfg: Config) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# LoRA: y = W x + (alpha / r) * B A x, with B = 0 at the start so the model starts exactly as the base model
+# LoRA: y = W x + (alpha / r) * B A x, with B = 0 at the start so the model starts exactly as the base model.
+# A and B are kept in fp32 at least (in a bf16 model an AdamW step of 5e-5 would round away) and multiply in the
+# model's dtype.
 
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float):
         super().__init__()
         self.base, self.scale, self.enabled = base, alpha / r, True
-        like = dict(dtype=base.weight.dtype, device=base.weight.device)
+        like = dict(dtype=upcast(base.weight).dtype, device=base.weight.device)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
@@ -157,13 +159,13 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         y = self.base(x)
         if self.enabled:
-            y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+            y = y + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
         return y
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """W + (alpha / r) B A: explicit, never done behind your back."""
-        return self.base.weight + self.scale * self.lora_B @ self.lora_A
+        """W + (alpha / r) B A, in W's dtype: explicit, never done behind your back."""
+        return (self.base.weight + self.scale * self.lora_B @ self.lora_A).to(self.base.weight.dtype)
 
 
 def apply_lora(model: nn.Module, r: int, alpha: float, targets: str) -> None:
@@ -324,11 +326,12 @@ def collate(samples: list[dict], pad_id: int, device):
 class TokenLogprobs(torch.autograd.Function):
     """log softmax(h W^T / T)[target] for a chunk of positions, with the gradient written out by hand:
     d logp / d logits = onehot(target) - softmax(logits). The (chunk x V) logits are recomputed in backward
-    rather than stored, and no other (chunk x V) tensor is made in either direction."""
+    rather than stored, and no other (chunk x V) tensor is made in either direction. In fp32 at least: a bf16
+    logit of 20 is rounded to 1/8, which would make every ratio of the loss jitter by several percent."""
 
     @staticmethod
     def forward(ctx, h, w, targets, temperature):
-        logits = upcast(F.linear(h / temperature, w))  # (n, V)
+        logits = F.linear(upcast(h) / temperature, upcast(w))  # (n, V)
         lse = logits.logsumexp(-1)
         ctx.save_for_backward(h, w, targets, lse)
         ctx.temperature = temperature
@@ -337,12 +340,12 @@ class TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # grad: (n,)
         h, w, targets, lse = ctx.saved_tensors
-        x = h / ctx.temperature
-        d_logits = upcast(F.linear(x, w)).sub_(lse[:, None]).exp_()  # softmax
+        x, w32 = upcast(h) / ctx.temperature, upcast(w)
+        d_logits = F.linear(x, w32).sub_(lse[:, None]).exp_()  # softmax
         d_logits[torch.arange(len(targets), device=targets.device), targets] -= 1
-        d_logits = d_logits.mul_(-grad[:, None]).to(h.dtype)  # (n, V): grad * (onehot - softmax)
-        d_h = d_logits @ w / ctx.temperature if ctx.needs_input_grad[0] else None
-        d_w = d_logits.t() @ x if ctx.needs_input_grad[1] else None  # full fine-tuning: the tied embedding trains
+        d_logits = d_logits.mul_(-grad[:, None].to(d_logits.dtype))  # (n, V): grad * (onehot - softmax)
+        d_h = (d_logits @ w32 / ctx.temperature).to(h.dtype) if ctx.needs_input_grad[0] else None
+        d_w = (d_logits.t() @ x).to(w.dtype) if ctx.needs_input_grad[1] else None  # full fine-tuning: tied embedding
         return d_h, d_w, None, None
 
 
@@ -676,7 +679,7 @@ def eval_step(model, tok, eval_entries, score_fn, cfg: Config, step: int, eval_s
 
 def main(cfg: Config):
     check_config(cfg)
-    device, dtype = weights.resolve_device(cfg.device, cfg.dtype)
+    device, dtype, why = weights.resolve_device(cfg.device, cfg.dtype)
     device = ddp.init(device)
     rank, world = ddp.rank_world()
     run = rundir.Run(cfg.out_dir, cfg.resume, cfg.overwrite, write=rank == 0)
@@ -690,7 +693,7 @@ def main(cfg: Config):
     eval_entries = T.eval_entries(eval_set, cfg.eval_size)
     questions = T.Questions(train_set, held_out={e["question"] for e in eval_entries})  # never an eval question
     pool = T.Pool(cfg.pool_size, cfg.retire_after) if cfg.pool_size else None
-    model, tok = weights.load(cfg.model, device, dtype)
+    model, tok = weights.load(cfg.model, device, dtype, why)
     if device == "cpu":
         keep_freed_memory()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

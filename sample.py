@@ -37,6 +37,8 @@ class SampleConfig:
     temperature: float = opt(0.0, "sampling temperature (0: greedy)", at_least=0)
     export: str = opt("", "write the merged model here (and the PEFT adapter in DIR/adapter)")
     device: str = opt("auto", "cpu, cuda, or auto", choices=("auto", "cpu", "cuda"))
+    dtype: str = opt("auto", "float32, bfloat16, float16, or auto (as grpo.py; --export always merges in float32)",
+                     choices=("auto", "float32", "bfloat16", "float16"))
 
 
 def merge_lora(model) -> None:
@@ -71,15 +73,14 @@ def load(ckpt_path: str, device: str = "auto", dtype: str = "auto"):
     ckpt = rundir.read_checkpoint(ckpt_path)  # read once; its config says which model and LoRA to build
     cfg = dataclasses.replace(grpo.Config(), **{k: v for k, v in ckpt["config"].items()
                                                 if k in grpo.Config.__dataclass_fields__})
-    device, torch_dtype = weights.resolve_device(device, dtype)
-    model, tok = weights.load(cfg.model, device, torch_dtype)
+    model, tok = weights.load(cfg.model, *weights.resolve_device(device, dtype))
     grpo.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
     rundir.load_weights(model, ckpt)
     return model.eval(), tok, cfg
 
 
 def main(args: SampleConfig):
-    model, tok, cfg = load(args.ckpt, args.device)
+    model, tok, cfg = load(args.ckpt, args.device, "float32" if args.export else args.dtype)
     if args.export:
         if os.path.isfile(args.export):
             flags.fail(f"--export {args.export} is a file: give a folder")

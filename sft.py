@@ -51,7 +51,7 @@ class SFTConfig:
     out_dir: str = opt("out-sft", "where examples.jsonl, log.jsonl and ckpt.pt go")
     overwrite: bool = opt(False, "warm up again where out_dir holds a finished warmup (it is moved aside, not deleted)")
     device: str = opt("auto", "cpu, cuda, or auto", choices=("auto", "cpu", "cuda"))
-    dtype: str = opt("auto", "float32, bfloat16, float16, or auto (bfloat16 on cuda, float32 on cpu)",
+    dtype: str = opt("auto", "float32, bfloat16, float16, or auto (as grpo.py)",
                      choices=("auto", "float32", "bfloat16", "float16"))
     seed: int = opt(0, "seed for questions, sampling and shuffling", at_least=0)
     # worked examples
@@ -309,7 +309,7 @@ def train(model, tok, samples: list[dict], cfg: SFTConfig, device):
 
 
 def main(cfg: SFTConfig):
-    device, dtype = weights.resolve_device(cfg.device, cfg.dtype)
+    device, dtype, why = weights.resolve_device(cfg.device, cfg.dtype)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if cfg.data:
@@ -321,7 +321,7 @@ def main(cfg: SFTConfig):
     eval_set = T.make_task(cfg.task, cfg.eval_size, grpo.EVAL_SEED)
     eval_entries = T.eval_entries(eval_set, cfg.eval_size)
     held_out = {e["question"] for e in eval_entries}
-    model, tok = weights.load(cfg.model, device, dtype)
+    model, tok = weights.load(cfg.model, device, dtype, why)
     if device == "cpu":
         keep_freed_memory()
     os.makedirs(cfg.out_dir, exist_ok=True)

@@ -58,7 +58,8 @@ def test_task_settings_reach_reasoning_gym():
 
 def small_config(model_dir, out_dir, **kw):
     small = dict(model=model_dir, out_dir=str(out_dir), max_new_tokens=8, exploration_batchsize=2, G=2, buffer_size=4,
-                 batch_size=2, gradient_accumulation_steps=2, eval_size=4, eval_interval=1, lora_r=4, lora_alpha=8.0)
+                 batch_size=2, gradient_accumulation_steps=2, eval_size=4, eval_interval=1, lora_r=4, lora_alpha=8.0,
+                 dtype="float32")  # auto would pick bf16 on some CPUs: the tests pin the dtype they check
     return dataclasses.replace(grpo.Config(), **{**small, **kw})
 
 

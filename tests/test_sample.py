@@ -34,7 +34,7 @@ def trained_ckpt(tiny_model_dir, tmp_path):
 
 
 def test_merged_export_gives_the_logits_of_base_plus_adapter(trained_ckpt, tmp_path):
-    model, tok, cfg = sample.load(trained_ckpt)
+    model, tok, cfg = sample.load(trained_ckpt, dtype="float32")
     ids = torch.tensor([grpo.encode_prompt(tok, "Is 7 prime?")])
     with torch.no_grad():
         adapted = logits(model, ids)
@@ -64,7 +64,7 @@ def test_sample_answers_held_out_questions_with_reward_parts(trained_ckpt):
 
 def test_peft_loads_the_exported_adapter(trained_ckpt, tmp_path):
     peft = pytest.importorskip("peft")  # not a dependency of the project: checked where it is installed
-    model, tok, cfg = sample.load(trained_ckpt)
+    model, tok, cfg = sample.load(trained_ckpt, dtype="float32")
     ids = torch.tensor([grpo.encode_prompt(tok, "Is 7 prime?")])
     with torch.no_grad():
         adapted = logits(model, ids)
