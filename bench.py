@@ -1,11 +1,11 @@
 """
 bench.py: how fast grpo.py samples and trains, measured in one run against this machine's own limits.
 
-    python bench.py            # a table
-    python bench.py --json     # the same numbers as one JSON object
-    python bench.py --device cuda --dtype bfloat16
+    python bench.py                    # a table; where --dtype auto picks bf16 on a CPU, fp32 is measured beside it
+    python bench.py --json             # the same numbers as one JSON object
+    python bench.py --dtype float32    # one dtype only
 
-Measured on the same model and batch: the fp32 (or --dtype) matmul peak; our KV-cache sampler and Hugging
+Measured on the same model and batch, for each dtype: the matmul peak in that dtype; our KV-cache sampler and Hugging
 Face `generate` (alternating, the faster of two runs each) on the same prompts, batch (8 questions x 6
 samples), fixed length (128 new tokens, no early stop) and sampling settings (T = 0.7, top-p 0.95, no top-k);
 our sampler alone at grpo.py's default rollout size (32 questions x 6 at once);
@@ -63,8 +63,8 @@ class BenchConfig:
     steps: int = opt(3, "GRPO steps to time (the median is reported)", at_least=1)
 
 
-def main(args: BenchConfig):
-    device, dtype, why = weights.resolve_device(args.device, args.dtype)
+def measure(args: BenchConfig, device: str, dtype: torch.dtype, why: str) -> dict:
+    """Every figure of the table, for one dtype."""
     cfg = dataclasses.replace(grpo.Config(), model=args.model, max_new_tokens=args.new_tokens, exploration_batchsize=8,
                               buffer_size=48, batch_size=16, gradient_accumulation_steps=3)  # 8 x 6: one optimizer step
     model, tok = weights.load(cfg.model, device, dtype, why)
@@ -154,34 +154,54 @@ def main(args: BenchConfig):
     median = sorted(steps, key=lambda x: x["step_s"])[len(steps) // 2]
     r.update({f"grpo_{k}": v for k, v in median.items()})
     r["grpo_steps_s"] = [x["step_s"] for x in steps]
-    r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # of the process so far
     if device == "cuda":
         r["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    r["sample_limit_tok_s"], r["wide_rows"] = sample_limit, len(wide)
+    return r
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its fast-bf16 flags (lscpu's), for the record beside every figure."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return f"{name} ({', '.join(f for f in ('avx512_bf16', 'amx_bf16') if f in flags) or 'no fast bf16'})"
+
+
+def main(args: BenchConfig):
+    device, dtype, why = weights.resolve_device(args.device, args.dtype)
+    # where auto picked bf16 on a CPU, fp32 is measured beside it (the same code, the same work)
+    dtypes = [(torch.float32, "fp32 beside it"), (dtype, why)] if device == "cpu" and args.dtype == "auto" \
+        and dtype == torch.bfloat16 else [(dtype, why)]
+    runs = [measure(args, device, d, w) for d, w in dtypes]
+    r = {**runs[-1], "cpu": cpu_name(), "runs": runs}
     if args.json:
         print(json.dumps(r))
         return
-    print(f"\n{args.model} on {device} ({r['dtype']}), {cfg.exploration_batchsize} prompts x {cfg.G} samples, "
-          f"{cfg.max_new_tokens} new tokens")
-    rows = [("matmul peak", f"{r['matmul_gflops']:.0f} GFLOP/s", f"sampling limit {sample_limit:.0f} tok/s"),
-            ("our sampler", f"{r['sampler_tok_s']:.0f} tok/s", f"{r['sampler_vs_hf']:.2f}x HF generate, "
-                                                               f"{100 * r['sampler_vs_limit']:.0f}% of the limit"),
-            ("HF generate", f"{r['hf_generate_tok_s']:.0f} tok/s", ""),
-            (f"our sampler {len(wide)}x{cfg.G}", f"{r['sampler_default_rows_tok_s']:.0f} tok/s",
-             f"{100 * r['sampler_default_rows_vs_limit']:.0f}% of the limit ({r['sampler_default_rows']} rows at once: "
-             f"grpo.py's default rollout)"),
-            ("LoRA training", f"{r['train_tok_s']:.0f} tok/s", f"prompt + completion of every sample; "
-                                                                f"{r['train_computed_tok_s']:.0f} tok/s through the "
-                                                                f"model (prompts shared), "
-                                                                f"{100 * r['train_vs_limit']:.0f}% of the limit"),
-            ("GRPO step 8x6", f"{r['grpo_step_s']:.1f} s", f"median of {args.steps}: rollout {r['grpo_rollout_s']:.1f} s "
-                                                           f"+ update {r['grpo_update_s']:.1f} s, {r['grpo_tokens']} "
-                                                           f"tokens; all steps "
-                                                           + ", ".join(f"{x:.1f}" for x in r["grpo_steps_s"]) + " s"
-                                                           + (" (update on ±1 advantages: the base model earns no "
-                                                              "reward)" if r["grpo_synthetic_advantages"] else "")),
-            ("peak RSS", f"{r['peak_rss_mb']:.0f} MB", "")]
-    for name, value, note in rows:
-        print(f"{name:<17} {value:>12}   {note}")
+    cfg = grpo.Config()
+    print(f"\n{args.model} on {device}, {cpu_name()}: 8 prompts x {cfg.G} samples, {args.new_tokens} new tokens")
+    table = [("", lambda r: r["dtype"]),
+             ("matmul peak", lambda r: f"{r['matmul_gflops']:.0f} GFLOP/s"),
+             ("sampling limit", lambda r: f"{r['sample_limit_tok_s']:.0f} tok/s"),
+             ("our sampler 8x6", lambda r: f"{r['sampler_tok_s']:.0f} tok/s = {r['sampler_vs_hf']:.2f}x HF, "
+                                           f"{100 * r['sampler_vs_limit']:.0f}% lim"),
+             ("HF generate 8x6", lambda r: f"{r['hf_generate_tok_s']:.0f} tok/s"),
+             (f"our sampler {runs[0]['wide_rows']}x{cfg.G}",
+              lambda r: f"{r['sampler_default_rows_tok_s']:.0f} tok/s = {100 * r['sampler_default_rows_vs_limit']:.0f}% lim"),
+             ("LoRA training", lambda r: f"{r['train_computed_tok_s']:.0f} tok/s = {100 * r['train_vs_limit']:.0f}% lim"),
+             ("GRPO step 8x6", lambda r: f"{r['grpo_step_s']:.1f} s ({r['grpo_rollout_s']:.1f} + {r['grpo_update_s']:.1f})"),
+             ("peak RSS", lambda r: f"{r['peak_rss_mb']:.0f} MB")]
+    for name, cell in table:
+        print(f"{name:<17}" + "".join(f"{cell(run):>36}" for run in runs))
+    print("\nour sampler: tokens/s of 8 questions x 6 samples, against HF generate on the same work and against the "
+          "sampling limit (matmul peak / 2 FLOPs per parameter); training: tokens through the model (prompts shared) "
+          "against the training limit (peak / 4 FLOPs per parameter); GRPO step: rollout + update, median of "
+          f"{args.steps}" + (" (update on ±1 advantages: the base model earns no reward)"
+                              if runs[-1]["grpo_synthetic_advantages"] else ""))
 
 
 if __name__ == "__main__":

@@ -73,6 +73,8 @@ class SFTConfig:
     lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj", "linear layers given LoRA")
     # eval
     eval_size: int = opt(200, "held-out questions evaluated before and after", at_least=1)
+    eval_before: bool = opt(True, "evaluate the model before the warmup too (a base model that never writes the tags "
+                                  "scores 0 and often rambles to max_new_tokens: slow on a CPU)")
     eval_samples: int = opt(0, "after training, also sample this many answers per eval question: mean@k, pass@k and "
                                "the share of questions whose answers disagree, which GRPO learns from (0: greedy only)",
                             at_least=0)
@@ -346,10 +348,11 @@ def main(cfg: SFTConfig):
         with open(examples_path, "w") as f:
             f.writelines(json.dumps(ex) + "\n" for ex in examples)
 
-    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "w")
-    before, _ = grpo.evaluate(model, tok, eval_entries, eval_set.score_answer, cfg.max_new_tokens)
-    print("before SFT " + report.eval_line(before))
-    log.write(json.dumps({"stage": "before", **before}) + "\n")
+    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "w", buffering=1)  # a line at a time
+    if cfg.eval_before:
+        before, _ = grpo.evaluate(model, tok, eval_entries, eval_set.score_answer, cfg.max_new_tokens)
+        print("before SFT " + report.eval_line(before))
+        log.write(json.dumps({"stage": "before", **before}) + "\n")
     grpo.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
     t0 = time.time()
     losses, optimizer = train(model, tok, [to_sample(tok, ex) for ex in examples], cfg, device)

@@ -84,3 +84,4 @@ def test_bench_json_reports_every_figure_the_readme_quotes():
         assert r[key] > 0, key
     assert r["grpo_step_s"] == r["grpo_rollout_s"] + r["grpo_update_s"]
     assert r["sampler_vs_hf"] == r["sampler_tok_s"] / r["hf_generate_tok_s"]
+    assert r["cpu"] and [run["dtype"] for run in r["runs"]][-1] == r["dtype"]
