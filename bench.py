@@ -175,7 +175,7 @@ def cpu_name() -> str:
 def main(args: BenchConfig):
     device, dtype, why = weights.resolve_device(args.device, args.dtype)
     # where auto picked bf16 on a CPU, fp32 is measured beside it (the same code, the same work)
-    dtypes = [(torch.float32, "fp32 beside it"), (dtype, why)] if device == "cpu" and args.dtype == "auto" \
+    dtypes = [(torch.float32, "measured beside bf16"), (dtype, why)] if device == "cpu" and args.dtype == "auto" \
         and dtype == torch.bfloat16 else [(dtype, why)]
     runs = [measure(args, device, d, w) for d, w in dtypes]
     r = {**runs[-1], "cpu": cpu_name(), "runs": runs}

@@ -92,6 +92,8 @@ def causal(layer, q, k, v):
 
 
 class Attention(nn.Module):
+    fused = {"qkv": ("q_proj", "k_proj", "v_proj")}  # while sampling, packed.frozen_linears sets self.qkv
+
     def __init__(self, config):
         super().__init__()
         d, H, KV, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim(config)
@@ -102,13 +104,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * D, d, bias=getattr(config, "attention_bias", False))
         if config.model_type == "qwen3":  # Qwen3 normalizes each head's query and key
             self.q_norm, self.k_norm = RMSNorm(D, config.rms_norm_eps), RMSNorm(D, config.rms_norm_eps)
-        self.head_dim = D
+        self.head_dim, self.sizes, self.qkv = D, (H * D, KV * D, KV * D), None
 
     def forward(self, x, cos, sin, attention, layer: int):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.head_dim)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        if self.qkv is not None:  # one product for the three projections (while sampling)
+            q, k, v = self.qkv(x).split(self.sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k = q.view(B, T, -1, self.head_dim), k.view(B, T, -1, self.head_dim)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)  # (B, H, T, D), (B, KV, T, D)
@@ -116,14 +121,20 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    fused = {"gate_up": ("gate_proj", "up_proj")}  # while sampling, packed.frozen_linears sets self.gate_up
+
     def __init__(self, config):
         super().__init__()
         d, f, bias = config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False)
         self.gate_proj, self.up_proj = nn.Linear(d, f, bias=bias), nn.Linear(d, f, bias=bias)
-        self.down_proj = nn.Linear(f, d, bias=bias)
+        self.down_proj, self.gate_up = nn.Linear(f, d, bias=bias), None
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None:  # one product for both (while sampling)
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):

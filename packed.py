@@ -70,33 +70,50 @@ class FrozenLinear(nn.Module):
         return packed_linear(x, self.packed, self.bias)
 
 
-def frozen(layer, rows: int, grad: bool = False) -> FrozenLinear:
-    """A FrozenLinear copy of an nn.Linear, or of a LoRA layer (one with .base and .merged_weight()) with its
-    adapter merged in unless it is switched off."""
+def frozen_weight(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias of an nn.Linear, or of a LoRA layer (one with .base and .merged_weight()) with its adapter
+    merged in unless it is switched off."""
     lora = hasattr(layer, "merged_weight")
     weight = layer.merged_weight() if lora and layer.enabled else layer.base.weight if lora else layer.weight
     bias = (layer.base if lora else layer).bias
-    return FrozenLinear(weight.detach(), None if bias is None else bias.detach(), rows, grad)
+    return weight.detach(), None if bias is None else bias.detach()
+
+
+def fused_weight(layers) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights (and biases) of several layers reading the same input, stacked: one product gives all outputs."""
+    weights, biases = zip(*(frozen_weight(layer) for layer in layers))
+    if all(b is None for b in biases):
+        return torch.cat(weights), None
+    return torch.cat(weights), torch.cat([w.new_zeros(len(w)) if b is None else b for w, b in zip(weights, biases)])
 
 
 @contextlib.contextmanager
 def frozen_linears(model: nn.Module, rows: int, training: bool = False):
     """Sampling (no gradients): every linear layer, the vocabulary projection included, multiplies by a frozen copy
-    of its weight (a LoRA layer's adapter merged in: one matmul instead of three). Training: the frozen base of each
-    LoRA layer does (gradients still flow to its input); the adapter trains as before. The original layers are put
-    back on exit, the adapter untouched."""
+    of its weight (a LoRA layer's adapter merged in: one matmul instead of three), and the projections a module
+    declares in its `fused` ({"qkv": ("q_proj", "k_proj", "v_proj")}) multiply as one product, set as that attribute.
+    Training: the frozen base of each LoRA layer does (gradients still flow to its input); the adapter trains as
+    before. The original layers are put back on exit, the adapter untouched."""
+    fusions = [] if training else [(m, name, [getattr(m, p) for p in parts]) for m in model.modules()
+                                   for name, parts in getattr(m, "fused", {}).items()]
+    in_fusion = {id(layer) for _, _, layers in fusions for layer in layers}
     if training:
         swaps = [(m, "base", m.base) for m in model.modules() if hasattr(m, "merged_weight")]
     else:
         swaps = [(parent, name, child) for parent in model.modules() if not hasattr(parent, "merged_weight")
-                 for name, child in parent.named_children() if isinstance(child, nn.Linear) or hasattr(child, "merged_weight")]
+                 for name, child in parent.named_children() if id(child) not in in_fusion
+                 and (isinstance(child, nn.Linear) or hasattr(child, "merged_weight"))]
     for parent, name, child in swaps:
-        setattr(parent, name, frozen(child, rows, grad=training))
+        setattr(parent, name, FrozenLinear(*frozen_weight(child), rows, grad=training))
+    for m, name, layers in fusions:
+        setattr(m, name, FrozenLinear(*fused_weight(layers), rows))
     try:
         yield
     finally:
         for parent, name, child in swaps:
             setattr(parent, name, child)
+        for m, name, _ in fusions:
+            setattr(m, name, None)
 
 
 def keep_freed_memory() -> None:

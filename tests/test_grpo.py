@@ -60,7 +60,9 @@ def test_sampling_with_an_adapter_merges_it_and_matches_the_unmerged_model(tiny)
     ours, _ = grpo.generate(tiny, PROMPTS, 1, 24, 0.0, 1.0, EOS)
     handle.remove()
     assert seen and {type(m).__name__ for m in seen} == {"FrozenLinear"}
-    assert len({id(m) for m in seen}) == 2 * 7 + 1  # 7 projections in each of 2 blocks, the vocabulary projection
+    # per block: q, k and v as one product, o, gate and up as one, down; and the vocabulary projection
+    assert len({id(m) for m in seen}) == 2 * 4 + 1
+    assert {tuple(m.weight.shape) for m in seen} == {(128, 64), (64, 64), (256, 64), (64, 128), (128, 64)}
     assert tiny.model.layers[0].self_attn.q_proj is q_proj and tiny.lm_head is lm_head  # put back
     assert ours == [greedy_full_recompute(tiny, p, 24) for p in PROMPTS]  # the unmerged adapter, token for token
 
@@ -79,15 +81,22 @@ def test_packed_fp32_sampling_matches_the_unpacked_model(kind):
     for p in model.parameters():
         if p.requires_grad:
             p.data.normal_(0, 0.1)
-    attn = model.model.layers[0].self_attn
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     x = torch.randn(3, 5, model.config.hidden_size)
     with torch.no_grad():
-        expected = [attn.q_proj(x), attn.k_proj(x), model.lm_head(x)]  # LoRA, plain, vocabulary projection
+        # q, v and down with LoRA, k, gate and up plain, the vocabulary projection
+        expected = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj(
+            torch.randn(3, 5, model.config.intermediate_size, generator=torch.Generator().manual_seed(0))),
+            model.lm_head(x)]
         with packed.frozen_linears(model, 3):
             frozen = [m for m in model.modules() if isinstance(m, packed.FrozenLinear)]
             assert frozen and all(m.packed is not None for m in frozen) == packed.packing_works()
-            for want, got in zip(expected, [attn.q_proj(x), attn.k_proj(x), model.lm_head(x)]):
-                assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+            got = [*attn.qkv(x).split(attn.sizes, -1), *mlp.gate_up(x).chunk(2, -1), mlp.down_proj(
+                torch.randn(3, 5, model.config.intermediate_size, generator=torch.Generator().manual_seed(0))),
+                model.lm_head(x)]
+            for want, g in zip(expected, got):
+                assert torch.allclose(g, want, rtol=1e-5, atol=1e-5)
+        assert attn.qkv is None and mlp.gate_up is None  # one product each while sampling, and only then
     ours, _ = grpo.generate(model, PROMPTS, 1, 24, 0.0, 1.0, EOS)
     assert ours == [greedy_full_recompute(model, p, 24) for p in PROMPTS]
 
