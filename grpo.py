@@ -120,7 +120,7 @@ class Config:
     # loop, eval, checkpoints
     max_steps: int = opt(100, "training steps (one step = fill the buffer, then update)", at_least=0)
     eval_interval: int = opt(10, "evaluate every this many steps (0: only before and after training)", at_least=0)
-    eval_size: int = opt(200, "held-out questions in each eval", at_least=1)
+    eval_size: int = opt(500, "held-out questions (distinct, never trained on) in each eval", at_least=1)
     eval_samples: int = opt(0, "also sample this many answers per eval question (at --temperature): mean@k, pass@k, "
                                "and the share of questions whose answers disagree (0: greedy only)", at_least=0)
     save_interval: int = opt(1, "write ckpt.pt every this many steps (and at the end, on SIGTERM, Ctrl-C)", at_least=1)
@@ -689,7 +689,7 @@ def main(cfg: Config):
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)  # each process samples differently
     train_set = T.make_task(cfg.task, 10**8, cfg.seed)
-    eval_set = T.make_task(cfg.eval_task or cfg.task, cfg.eval_size, EVAL_SEED)
+    eval_set = T.make_task(cfg.eval_task or cfg.task, 4 * cfg.eval_size, EVAL_SEED)  # room for repeated questions
     eval_entries = T.eval_entries(eval_set, cfg.eval_size)
     questions = T.Questions(train_set, held_out={e["question"] for e in eval_entries})  # never an eval question
     pool = T.Pool(cfg.pool_size, cfg.retire_after) if cfg.pool_size else None

@@ -72,9 +72,10 @@ class SFTConfig:
     lora_alpha: float = opt(64.0, "LoRA scale numerator", above=0)
     lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj", "linear layers given LoRA")
     # eval
-    eval_size: int = opt(200, "held-out questions evaluated before and after", at_least=1)
+    eval_size: int = opt(500, "held-out questions (as grpo.py's: never trained on, evaluated after)", at_least=1)
     eval_before: bool = opt(True, "evaluate the model before the warmup too (a base model that never writes the tags "
                                   "scores 0 and often rambles to max_new_tokens: slow on a CPU)")
+    eval_after: bool = opt(True, "evaluate the warmed-up model (grpo.py --init_from does at its step 0 as well)")
     eval_samples: int = opt(0, "after training, also sample this many answers per eval question: mean@k, pass@k and "
                                "the share of questions whose answers disagree, which GRPO learns from (0: greedy only)",
                             at_least=0)
@@ -320,7 +321,7 @@ def main(cfg: SFTConfig):
         fail("--teacher needs --teacher_model (the model name the endpoint serves)")
     rundir.claim(cfg.out_dir, False, cfg.overwrite, markers=("ckpt.pt",))  # an unfinished one's teacher cache is reused
     train_set = T.make_task(cfg.task, 10**8, cfg.seed)
-    eval_set = T.make_task(cfg.task, cfg.eval_size, grpo.EVAL_SEED)
+    eval_set = T.make_task(cfg.task, 4 * cfg.eval_size, grpo.EVAL_SEED)
     eval_entries = T.eval_entries(eval_set, cfg.eval_size)
     held_out = {e["question"] for e in eval_entries}
     model, tok = weights.load(cfg.model, device, dtype, why)
@@ -357,16 +358,19 @@ def main(cfg: SFTConfig):
     t0 = time.time()
     losses, optimizer = train(model, tok, [to_sample(tok, ex) for ex in examples], cfg, device)
     train_s = time.time() - t0
-    after, rows = grpo.evaluate(model, tok, eval_entries, eval_set.score_answer, cfg.max_new_tokens, cfg.eval_samples,
-                                cfg.eval_temperature, cfg.eval_top_p)
-    print("after SFT  " + report.eval_line(after))
+    ckpt = os.path.join(cfg.out_dir, "ckpt.pt")  # saved before the eval: a crash there loses no training
+    rundir.save_checkpoint(ckpt, grpo.trainable_state_dict(model), optimizer, cfg, 0, 0,
+                           torch.Generator().manual_seed(cfg.seed))
+    after = {}
+    if cfg.eval_after:
+        after, rows = grpo.evaluate(model, tok, eval_entries, eval_set.score_answer, cfg.max_new_tokens,
+                                    cfg.eval_samples, cfg.eval_temperature, cfg.eval_top_p)
+        print("after SFT  " + report.eval_line(after))
+        with open(os.path.join(cfg.out_dir, "samples.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows[:20])
     log.write(json.dumps({"stage": "after", "train_s": train_s, "loss_first": losses[0], "loss_last": losses[-1],
                           "examples": len(examples), **after}) + "\n")
-    with open(os.path.join(cfg.out_dir, "samples.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows[:20])
-    rundir.save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), grpo.trainable_state_dict(model), optimizer, cfg, 0, 0,
-                           torch.Generator().manual_seed(cfg.seed))
-    print(f"saved {os.path.join(cfg.out_dir, 'ckpt.pt')}: python grpo.py --init_from {os.path.join(cfg.out_dir, 'ckpt.pt')}")
+    print(f"saved {ckpt}: python grpo.py --init_from {ckpt}")
 
 
 if __name__ == "__main__":

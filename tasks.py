@@ -142,8 +142,16 @@ class JsonlTask:
 
 
 def eval_entries(task, size: int) -> list[dict]:
-    """The first `size` entries (all of a shorter file)."""
-    return [task[i] for i in range(min(size, len(task)) if isinstance(task, JsonlTask) else size)]
+    """The first `size` distinct questions of the task (all of a shorter task): a small task repeats questions, and
+    a question counted twice would weigh twice in every accuracy."""
+    entries, seen = [], set()
+    for i in range(len(task)):
+        if len(entries) == size:
+            break
+        if task[i]["question"] not in seen:
+            seen.add(task[i]["question"])
+            entries.append(task[i])
+    return entries
 
 
 def source(entry: dict) -> str:

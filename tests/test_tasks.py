@@ -149,3 +149,10 @@ def test_a_short_run_with_every_method_on_logs_its_metrics(tiny_model_dir, tmp_p
                 "eval_accuracy/syllogism"):
         assert key in log[-1], key
     assert "eval_accuracy/syllogism" in log[0]
+
+
+def test_eval_questions_are_distinct_even_where_the_task_repeats_itself():
+    task = T.make_task("chain_sum:min_terms=2:max_terms=2:min_digits=1:max_digits=1", 2000, 10**9)  # 10 x 10 x 2 sums
+    questions = [e["question"] for e in T.eval_entries(task, 150)]
+    assert len(questions) == len(set(questions)) == 150
+    assert len({e["question"] for e in list(task)[:150]}) < 150  # the first 150 items do repeat
