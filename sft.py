@@ -116,7 +116,8 @@ def chain_response(entry: dict) -> str | None:
 
 
 def equation_response(entry: dict) -> str | None:
-    """simple_equations with one variable term: move the constants to the right, then divide by the coefficient."""
+    """simple_equations with one variable term: subtract (or add) each constant on both sides, then divide both sides by
+    the coefficient."""
     m = entry["metadata"]
     lhs, rhs = m["equation"].split(" = ")
     x, terms = m["variable"], lhs.replace(" - ", " + -").split(" + ")
@@ -129,7 +130,8 @@ def equation_response(entry: dict) -> str | None:
     value, lines, side = int(rhs), [], var[0]
     for c in consts:
         new = value - c
-        lines.append(f"Move {c} to the right side: {side} = {value} {'-' if c > 0 else '+'} {abs(c)} = {new}")
+        step = f"Subtract {c} from" if c > 0 else f"Add {-c} to"
+        lines.append(f"{step} both sides: {side} = {value} {'-' if c > 0 else '+'} {abs(c)} = {new}")
         value = new
     if coef != 1:
         lines.append(f"Divide both sides by {coef}: {x} = {value} / {coef} = {value // coef}")
