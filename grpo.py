@@ -60,8 +60,7 @@ from packed import frozen_linears, keep_freed_memory
 SYSTEM_PROMPT = (
     "You are a helpful assistant. You first think about the reasoning process and then give the answer. "
     "The reasoning is enclosed in <think> </think> tags and the answer in <answer> </answer> tags, i.e. "
-    "<think> reasoning here </think> <answer> answer here </answer>."
-)
+    "<think> reasoning here </think> <answer> answer here </answer>.")
 EVAL_SEED = 10**9  # the held-out questions: a seed far from any training seed, the same set in every run
 
 
@@ -716,7 +715,6 @@ def main(cfg: Config):
         if cfg.eval_only:
             return
         print(report.before_training(metrics), end="")
-
     stop = rundir.StopOnSignal()  # SIGTERM or Ctrl-C: finish the step, checkpoint, exit
     while step < cfg.max_steps:
         t0 = time.time()
