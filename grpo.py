@@ -688,8 +688,7 @@ def main(cfg: Config):
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)  # each process samples differently
     train_set = T.make_task(cfg.task, 10**8, cfg.seed)
-    eval_set = T.make_task(cfg.eval_task or cfg.task, 4 * cfg.eval_size, EVAL_SEED)  # room for repeated questions
-    eval_entries = T.eval_entries(eval_set, cfg.eval_size)
+    eval_set, eval_entries = T.held_out(cfg.eval_task or cfg.task, cfg.eval_size, EVAL_SEED)
     questions = T.Questions(train_set, held_out={e["question"] for e in eval_entries})  # never an eval question
     pool = T.Pool(cfg.pool_size, cfg.retire_after) if cfg.pool_size else None
     model, tok = weights.load(cfg.model, device, dtype, why)

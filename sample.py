@@ -93,8 +93,8 @@ def main(args: SampleConfig):
     if args.prompt:
         entries, score = [{"question": args.prompt, "answer": None}], None
     else:
-        task = T.make_task(args.task or cfg.task, args.n, grpo.EVAL_SEED)
-        entries, score = T.eval_entries(task, args.n), task.score_answer
+        task, entries = T.held_out(args.task or cfg.task, args.n, grpo.EVAL_SEED)
+        score = task.score_answer
     prompts = [grpo.encode_prompt(tok, e["question"]) for e in entries]
     completions, _ = grpo.generate(model, prompts, 1, args.max_new_tokens, args.temperature, 1.0, tok.eos_token_id,
                                    torch.Generator(device=model.lm_head.weight.device).manual_seed(0))

@@ -323,8 +323,7 @@ def main(cfg: SFTConfig):
         fail("--teacher needs --teacher_model (the model name the endpoint serves)")
     rundir.claim(cfg.out_dir, False, cfg.overwrite, markers=("ckpt.pt",))  # an unfinished one's teacher cache is reused
     train_set = T.make_task(cfg.task, 10**8, cfg.seed)
-    eval_set = T.make_task(cfg.task, 4 * cfg.eval_size, grpo.EVAL_SEED)
-    eval_entries = T.eval_entries(eval_set, cfg.eval_size)
+    eval_set, eval_entries = T.held_out(cfg.task, cfg.eval_size, grpo.EVAL_SEED)
     held_out = {e["question"] for e in eval_entries}
     model, tok = weights.load(cfg.model, device, dtype, why)
     if device == "cpu":

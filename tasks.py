@@ -148,10 +148,18 @@ def eval_entries(task, size: int) -> list[dict]:
     for i in range(len(task)):
         if len(entries) == size:
             break
-        if task[i]["question"] not in seen:
-            seen.add(task[i]["question"])
-            entries.append(task[i])
+        entry = task[i]  # a reasoning-gym entry is generated anew at each index
+        if entry["question"] not in seen:
+            seen.add(entry["question"])
+            entries.append(entry)
     return entries
+
+
+def held_out(spec: str, size: int, seed: int) -> tuple:
+    """The held-out task and its first `size` distinct questions; the task is built 4x larger to leave room for the
+    questions a small task repeats (a JSONL file is read whole)."""
+    task = make_task(spec, 4 * size, seed)
+    return task, eval_entries(task, size)
 
 
 def source(entry: dict) -> str:

@@ -156,3 +156,5 @@ def test_eval_questions_are_distinct_even_where_the_task_repeats_itself():
     questions = [e["question"] for e in T.eval_entries(task, 150)]
     assert len(questions) == len(set(questions)) == 150
     assert len({e["question"] for e in list(task)[:150]}) < 150  # the first 150 items do repeat
+    held_task, held = T.held_out("chain_sum:min_terms=2:max_terms=2:min_digits=1:max_digits=1", 150, 10**9)
+    assert [e["question"] for e in held] == questions  # what grpo.py, sft.py and sample.py evaluate on
