@@ -12,7 +12,8 @@ reasoning-gym's verifier. One training step:
 
 1. Rollout, until the buffer holds `buffer_size` samples: take `exploration_batchsize` questions and sample
    `G` completions of each (the group; our KV-cache sampler: temperature, exact top-p, stop at EOS). Score each:
-   r = w_correct * correctness + w_format * format (+ the optional terms of reward.total_reward).
+   r = w_correct * correctness + w_format * format (+ the optional terms of reward.total_reward); correctness
+   is 1 for the task's full marks and 0 otherwise (reasoning-gym's partial credit only with --partial_credit).
 2. Advantages, per group: A_i = (r_i - mean(r)) / (std(r) + eps); `--scale_rewards none` keeps only the
    centering (Dr. GRPO). A group of equal rewards gets A = 0.
 3. Update: `ppo_epochs` passes over the buffer in minibatches of `batch_size` (questions in random order, a
@@ -86,7 +87,10 @@ class Config:
     top_p: float = opt(0.95, "nucleus sampling: smallest set of tokens with this much probability", above=0, at_most=1)
     buffer_size: int = opt(500, "samples collected per step before the update", at_least=1)
     # reward
-    w_correct: float = opt(0.85, "weight of correctness (reasoning-gym score) in the reward")
+    w_correct: float = opt(0.85, "weight of correctness (1 for the task's full marks, else 0) in the reward")
+    partial_credit: bool = opt(False, "correctness is the task's fractional score (farmable: '58' earns 0.5 for 8)")
+    check_work: bool = opt(False, "an answer counts as right only if each worked line 'a op b = c' in it holds")
+    random_reward: bool = opt(False, "control: correctness replaced by random 0/1 at the step's real rate")
     w_format: float = opt(0.15, "weight of the <think>..</think><answer>..</answer> format in the reward")
     w_length: float = opt(0.0, "weight of the Kimi 1.5 length reward (shorter correct answers earn more)")
     w_overlong: float = opt(0.0, "weight of DAPO's soft overlong penalty (0 to -1 over the last overlong_buffer)")
@@ -325,8 +329,9 @@ def collate(samples: list[dict], pad_id: int, device):
 class TokenLogprobs(torch.autograd.Function):
     """log softmax(h W^T / T)[target] for a chunk of positions, with the gradient written out by hand:
     d logp / d logits = onehot(target) - softmax(logits). The (chunk x V) logits are recomputed in backward
-    rather than stored, and no other (chunk x V) tensor is made in either direction. In fp32 at least: a bf16
-    logit of 20 is rounded to 1/8, which would make every ratio of the loss jitter by several percent."""
+    rather than stored. In fp32 at least: a bf16 logit of 20 is rounded to 1/8, which would make every ratio
+    of the loss jitter by several percent. Also returns the entropy of each position's distribution (no
+    gradient): a policy whose entropy falls fast is collapsing onto a few answers."""
 
     @staticmethod
     def forward(ctx, h, w, targets, temperature):
@@ -334,10 +339,14 @@ class TokenLogprobs(torch.autograd.Function):
         lse = logits.logsumexp(-1)
         ctx.save_for_backward(h, w, targets, lse)
         ctx.temperature = temperature
-        return logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+        logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+        probs = (logits - lse[:, None]).exp_()
+        entropy = lse - torch.linalg.vecdot(probs, logits)  # H = -sum p log p = lse - sum p * logits
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad):  # grad: (n,)
+    def backward(ctx, grad, _grad_entropy):  # grad: (n,)
         h, w, targets, lse = ctx.saved_tensors
         x, w32 = upcast(h) / ctx.temperature, upcast(w)
         d_logits = F.linear(x, w32).sub_(lse[:, None]).exp_()  # softmax
@@ -349,7 +358,8 @@ class TokenLogprobs(torch.autograd.Function):
 
 
 def completion_logprobs(model, batch, temperature: float, grad_checkpoint: bool = False, chunk: int = 1024):
-    """Log-prob (T,) of each completion token under the model at `temperature`. Each distinct prompt runs once,
+    """Log-prob (T,) of each completion token under the model at `temperature`, and the entropy (T,) of the
+    model's distribution at each of those positions (no gradient). Each distinct prompt runs once,
     then every completion runs on top of its prompt (grad_checkpoint: its blocks are recomputed in backward; the
     prompts, a small part of the activations, are not). Hidden states are kept only where a completion token is
     predicted; the vocabulary projection runs in chunks and, when training, is recomputed in backward
@@ -364,8 +374,9 @@ def completion_logprobs(model, batch, temperature: float, grad_checkpoint: bool 
     first = h_prompt[which, prompt_len - 1]  # (N, d)
     h = torch.cat([first[:, None], h[:, :-1]], 1)[mask.bool()]  # (T, d)
     w = model.lm_head.weight
-    return torch.cat([TokenLogprobs.apply(h[i:i + chunk], w, targets[i:i + chunk], temperature)
-                      for i in range(0, h.shape[0], chunk)])
+    chunks = [TokenLogprobs.apply(h[i:i + chunk], w, targets[i:i + chunk], temperature)
+              for i in range(0, h.shape[0], chunk)]
+    return torch.cat([logp for logp, _ in chunks]), torch.cat([entropy for _, entropy in chunks])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -399,16 +410,22 @@ def rollout(model, tok, entries: list[dict], score_fn, cfg: Config, generator, p
     check_context(model, prompts, cfg.max_new_tokens)
     completions, truncated = generate(model, prompts, cfg.G, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                       tok.eos_token_id, generator)
+    texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
+    lengths = [len(c) for c in completions]
+    groups = [range(b * cfg.G, (b + 1) * cfg.G) for b in range(len(entries))]  # each entry's rows
+    rates = pass_rates or [None] * len(entries)
+    parts = [R.score_group([texts[i] for i in rows], [lengths[i] for i in rows], entry, score_fn, cfg, rate)
+             for entry, rows, rate in zip(entries, groups, rates)]
+    if cfg.random_reward:  # the control: the verifier's verdicts replaced by coins (see reward.random_correctness)
+        R.random_correctness(parts, torch.rand(len(texts), generator=generator, device=generator.device).tolist())
+        for group, rows, rate in zip(parts, groups, rates):
+            R.add_rewards(group, [lengths[i] for i in rows], cfg, rate)
     samples = []
-    for b, entry in enumerate(entries):
-        rows = range(b * cfg.G, (b + 1) * cfg.G)
-        texts = [tok.decode(completions[i], skip_special_tokens=True) for i in rows]
-        parts = R.score_group(texts, [len(completions[i]) for i in rows], entry, score_fn, cfg,
-                              pass_rates[b] if pass_rates else None)
-        adv = group_advantages(torch.tensor([[p["reward"] for p in parts]]), cfg.scale_rewards == "group")[0]
+    for b, (entry, rows) in enumerate(zip(entries, groups)):
+        adv = group_advantages(torch.tensor([[p["reward"] for p in parts[b]]]), cfg.scale_rewards == "group")[0]
         for g, i in enumerate(rows):
-            samples.append(dict(parts[g], prompt=prompts[b], completion=completions[i], truncated=truncated[i],
-                                advantage=adv[g].item(), question=entry["question"], text=texts[g]))
+            samples.append(dict(parts[b][g], prompt=prompts[b], completion=completions[i], truncated=truncated[i],
+                                advantage=adv[g].item(), question=entry["question"], text=texts[i]))
     return samples
 
 
@@ -499,27 +516,30 @@ def has_gradient(sample: dict, beta: float) -> bool:
     return sample["advantage"] != 0 or beta > 0
 
 
-def minibatch_logprobs(model, mb: list[dict], cfg: Config, pad_id: int, device, grad: bool) -> list[torch.Tensor]:
-    """Each sample's completion log-probs (with or without the graph)."""
+def minibatch_logprobs(model, mb: list[dict], cfg: Config, pad_id: int, device, grad: bool,
+                       ) -> tuple[list, torch.Tensor]:
+    """Each sample's completion log-probs (with or without the graph), and the entropy at every token (T,)."""
     with torch.set_grad_enabled(grad):
-        logp = completion_logprobs(model, collate(mb, pad_id, device), cfg.temperature, grad and cfg.grad_checkpoint)
-    return list(logp.split([len(s["completion"]) for s in mb]))
+        logp, entropy = completion_logprobs(model, collate(mb, pad_id, device), cfg.temperature,
+                                            grad and cfg.grad_checkpoint)
+    return list(logp.split([len(s["completion"]) for s in mb])), entropy
 
 
 def accumulate_gradients(model, step_batches: list[list[dict]], old: dict, ref: dict, cfg: Config, pad_id: int,
-                         device) -> tuple[float, list[float]]:
+                         device) -> tuple[float, list[float], torch.Tensor]:
     """Forward + backward over the minibatches of one optimizer step, gradients adding up in .grad. old and ref map
     id(sample) to its old and reference log-probs; a sample not in `old` is on the policy that sampled it (the first
     optimizer step), so its old log-probs are this pass's own, detached, and are recorded for later epochs.
-    Returns the step's loss and each minibatch's clipped-token fraction."""
+    Returns the step's loss, each minibatch's clipped-token fraction and the entropy at every token it ran."""
     weights = iter(token_weights([s for mb in step_batches for s in mb], cfg.loss_agg, cfg.max_new_tokens))
-    total, clip_fracs = 0.0, []
+    total, clip_fracs, entropies = 0.0, [], []
     for mb in step_batches:
         weight = [w for s, w in zip(mb, [next(weights) for _ in mb]) if has_gradient(s, cfg.beta)]
         mb = [s for s in mb if has_gradient(s, cfg.beta)]
         if not mb:
             continue
-        logp = minibatch_logprobs(model, mb, cfg, pad_id, device, grad=True)
+        logp, entropy = minibatch_logprobs(model, mb, cfg, pad_id, device, grad=True)
+        entropies.append(entropy)
         for s, lp in zip(mb, logp):
             old.setdefault(id(s), lp.detach())
         cat = lambda key: torch.cat([key[id(s)] for s in mb]).to(device)
@@ -529,7 +549,7 @@ def accumulate_gradients(model, step_batches: list[list[dict]], old: dict, ref: 
         loss.backward()
         total += loss.item()
         clip_fracs.append(clipped.mean().item())
-    return total, clip_fracs
+    return total, clip_fracs, torch.cat(entropies) if entropies else torch.zeros(0)
 
 
 def warmup_lr(optimizer, params: list, lr: float, warmup_steps: int) -> float:
@@ -565,12 +585,14 @@ def update(model, optimizer, buffer: list[dict], cfg: Config, pad_id: int, gener
     gradient_accumulation_steps minibatches (the last step of a pass may have fewer)."""
     params = [p for p in model.parameters() if p.requires_grad]
     lr = warmup_lr(optimizer, params, cfg.learning_rate, cfg.warmup_steps)
-    stats = {"loss": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "optimizer_steps": 0, "skipped_steps": 0, "lr": lr}
+    stats = {"loss": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "optimizer_steps": 0, "skipped_steps": 0, "lr": lr,
+             "entropy": float("nan")}
     if not ddp.all_sum(torch.tensor(sum(s["advantage"] != 0 for s in buffer))) and not cfg.beta:
         print("every advantage in this buffer is 0 (each group's rewards were equal): no update this step", flush=True)
         return stats
     local_batch = cfg.batch_size // ddp.rank_world()[1]  # each process takes its share of every minibatch
     losses, clips, norms, k = [], [], [], cfg.gradient_accumulation_steps
+    entropy = torch.zeros(2, dtype=torch.float64)  # sum and count of the trained tokens' entropies
     with frozen_linears(model, rows=1024, training=True):  # the base weights stay fixed all update long
         minibatches = shuffled_minibatches(buffer, local_batch, generator)
         # Old (and reference) log-probs, before any weight moves. The first optimizer step's own forward passes are
@@ -579,16 +601,18 @@ def update(model, optimizer, buffer: list[dict], cfg: Config, pad_id: int, gener
         for i, mb in enumerate(minibatches):
             mb = [s for s in mb if has_gradient(s, cfg.beta)]
             if mb and i >= k:
-                old.update(zip(map(id, mb), minibatch_logprobs(model, mb, cfg, pad_id, device, grad=False)))
+                old.update(zip(map(id, mb), minibatch_logprobs(model, mb, cfg, pad_id, device, grad=False)[0]))
             if mb and cfg.beta:
                 with lora_disabled(model):
-                    ref.update(zip(map(id, mb), minibatch_logprobs(model, mb, cfg, pad_id, device, grad=False)))
+                    ref.update(zip(map(id, mb), minibatch_logprobs(model, mb, cfg, pad_id, device, grad=False)[0]))
         bar = ddp.progress(total=cfg.ppo_epochs * len(minibatches), desc="update")
         for epoch in range(cfg.ppo_epochs):
             if epoch > 0:
                 minibatches = shuffled_minibatches(buffer, local_batch, generator)
             for i in range(0, len(minibatches), k):
-                loss, clip_fracs = accumulate_gradients(model, minibatches[i:i + k], old, ref, cfg, pad_id, device)
+                loss, clip_fracs, token_entropy = accumulate_gradients(model, minibatches[i:i + k], old, ref, cfg,
+                                                                       pad_id, device)
+                entropy += torch.tensor([token_entropy.sum().item(), len(token_entropy)], dtype=torch.float64)
                 stats["lr"] = warmup_lr(optimizer, params, cfg.learning_rate, cfg.warmup_steps)
                 norm = optimizer_step(optimizer, params, cfg.grad_clip)
                 bar.update(len(minibatches[i:i + k]))
@@ -601,8 +625,9 @@ def update(model, optimizer, buffer: list[dict], cfg: Config, pad_id: int, gener
                 norms.append(norm)
         bar.close()
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+    entropy_sum, entropy_count = ddp.all_sum(entropy).tolist()
     return {**stats, "loss": mean(losses), "clip_frac": mean(clips), "grad_norm": mean(norms),
-            "optimizer_steps": len(losses)}
+            "optimizer_steps": len(losses), "entropy": entropy_sum / entropy_count if entropy_count else float("nan")}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -638,6 +663,9 @@ def evaluate(model, tok, entries: list[dict], score_fn, max_new_tokens: int, sam
                "eval_len_mean": sum(r["length"] for r in rows) / n,
                "eval_truncated_rate": sum(r["truncated"] for r in rows) / n,
                "eval_majority_rate": max(answers.count(a) for a in set(answers)) / n}
+    right = [r for r in rows if r["correct"]]
+    if right and any(r["work_lines"] for r in rows):  # the task's answers show checkable arithmetic
+        metrics["eval_faithful_rate"] = sum(r["work_holds"] for r in right) / len(right)
     if samples:
         k = [r["sampled_correct"] for r in rows]
         metrics.update(eval_samples=samples, **report.rate("eval_mean_at_k", [c / samples for c in k]),
@@ -651,14 +679,23 @@ def evaluate(model, tok, entries: list[dict], score_fn, max_new_tokens: int, sam
 
 
 def buffer_stats(buffer: list[dict]) -> dict:
-    """Reward and completion statistics of the step's samples, over all processes."""
+    """Reward and completion statistics of the step's samples, over all processes. Beside the means: completion
+    lengths of right and of wrong answers (a shortcut shows as right answers getting shorter), and partial credit,
+    the share of samples whose task score lies strictly between 0 and 1 (a guess containing the answer)."""
     keys = ("reward", "correct", "format", "truncated", "length_reward", "overlong", "difficulty_bonus")
-    rows = ddp.gather([[float(s[k]) for k in keys] + [s["advantage"] == 0, len(s["completion"])] for s in buffer])
-    t = torch.tensor(rows, dtype=torch.float64)  # (n, 9)
+    rows = ddp.gather([[float(s[k]) for k in keys] + [s["advantage"] == 0, len(s["completion"]), 0 < s["score"] < 1,
+                                                      s["correctness"] if 0 < s["score"] < 1 else 0.0, s["correctness"]]
+                       for s in buffer])
+    t = torch.tensor(rows, dtype=torch.float64)  # (n, 12)
     m = t.mean(0).tolist()
+    right = t[:, 1] == 1
+    mean_or_nan = lambda x: x.mean().item() if len(x) else float("nan")
     return {"reward_mean": m[0], "reward_std": t[:, 0].std().item(), "correct_rate": m[1], "format_rate": m[2],
             "truncated_rate": m[3], "length_reward_mean": m[4], "overlong_mean": m[5], "difficulty_bonus_mean": m[6],
-            "zero_adv_rate": m[7], "completion_len_mean": m[8], "n_samples": len(rows), "n_tokens": int(t[:, 8].sum())}
+            "zero_adv_rate": m[7], "completion_len_mean": m[8], "len_right_mean": mean_or_nan(t[right, 8]),
+            "len_wrong_mean": mean_or_nan(t[~right, 8]), "partial_credit_rate": m[9],
+            "partial_credit_share": m[10] / m[11] if m[11] else 0.0,  # of the correctness reward paid out
+            "n_samples": len(rows), "n_tokens": int(t[:, 8].sum())}
 
 
 def eval_step(model, tok, eval_entries, score_fn, cfg: Config, step: int, eval_start, run: rundir.Run) -> tuple:
@@ -727,7 +764,8 @@ def main(cfg: Config):
         row = {"step": step, **buffer_stats(sampled), **fill_stats, **stats, "step_s": time.time() - t0,
                "sample_s": sample_s}
         row.update(tokens_per_s=row["n_tokens"] / row["step_s"], sample_tokens_per_s=row["n_tokens"] / sample_s)
-        print(report.step_line(row, cfg.max_steps, cfg.max_new_tokens), flush=True)
+        print(report.step_line(row, cfg.max_steps, cfg.max_new_tokens) + report.collapse_warnings(run.rows + [row]),
+              flush=True)
         if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
             row.update(eval_step(model, tok, eval_entries, eval_set.score_answer, cfg, step, eval_start, run)[0])
         run.log(row)

@@ -37,6 +37,8 @@ def eval_line(m: dict) -> str:
         line += (f" | mean@{k} {m['eval_mean_at_k']:.3f} ± {m['eval_mean_at_k_se']:.3f} | pass@{k} "
                  f"{m['eval_pass_at_k']:.3f} ± {m['eval_pass_at_k_se']:.3f} | mixed {m['eval_mixed_rate']:.2f}")
     line += f" | format {m['eval_format_rate']:.3f} | len {m['eval_len_mean']:.0f}"
+    if "eval_faithful_rate" in m:
+        line += f" | work holds in {m['eval_faithful_rate']:.1%} of right answers"
     if "eval_gain" in m:
         line += (f" | vs step 0: {100 * m['eval_gain']:+.1f} ± {100 * m['eval_gain_se']:.1f} points (paired, "
                  f"{m['eval_gain_up']} right now / {m['eval_gain_down']} wrong now; McNemar p {m['eval_gain_p']:.2g})")
@@ -56,7 +58,8 @@ def before_training(m: dict) -> str:
 def step_line(row: dict, max_steps: int, max_new_tokens: int) -> str:
     """The step's one line, and a line for each silent failure: no well-formed completion, most of them cut off."""
     line = (f"step {row['step']}/{max_steps} | reward {row['reward_mean']:.2f}±{row['reward_std']:.2f} | "
-            f"correct {row['correct_rate']:.2f} | format {row['format_rate']:.2f} | len {row['completion_len_mean']:.0f} "
+            f"correct {row['correct_rate']:.2f} | format {row['format_rate']:.2f} | "
+            f"len {row['completion_len_mean']:.0f} (right {row['len_right_mean']:.0f}, wrong {row['len_wrong_mean']:.0f}) | entropy {row['entropy']:.3f} "
             f"| clip {row['clip_frac']:.2f} | loss {row['loss']:.4f} | {row['step_s']:.1f}s")
     if row["format_rate"] == 0:
         line += f"\nstep {row['step']}: no completion was well-formed; {NO_FORMAT}"
@@ -65,6 +68,29 @@ def step_line(row: dict, max_steps: int, max_new_tokens: int) -> str:
                  f"{max_new_tokens} before their end (EOS): their answers are lost; raise --max_new_tokens, or make "
                  f"length cost something (--w_overlong 0.5)")
     return line
+
+
+def collapse_warnings(rows: list[dict], window: int = 5) -> str:
+    """Lines that warn of a collapse, read from the log's training rows (the last one is this step): the policy's
+    entropy, the completion length, or that of right answers, at half or less of its highest in the `window` steps
+    before (a policy that stops exploring, answers that drop a step of the work); most of the correctness reward
+    paid for partial credit (a guess that contains the answer, not the answer). '' when none applies."""
+    train = [r for r in rows if "reward_mean" in r]
+    if not train:
+        return ""
+    now, before = train[-1], train[-1 - window:-1]
+    lines = []
+    for key, what in (("entropy", "the policy's entropy"), ("completion_len_mean", "the mean completion length"),
+                      ("len_right_mean", "the length of right answers")):
+        past = [r[key] for r in before if math.isfinite(r.get(key, math.nan))]
+        if past and math.isfinite(now.get(key, math.nan)) and now[key] <= 0.5 * max(past):
+            lines.append(f"step {now['step']}: {what} fell to {now[key]:.3g} from {max(past):.3g} within "
+                         f"{len(before)} steps: the policy may be collapsing onto a shortcut; read samples.jsonl, "
+                         f"and try a lower --learning_rate")
+    if now.get("partial_credit_share", 0) > 0.5:
+        lines.append(f"step {now['step']}: {now['partial_credit_share']:.0%} of the correctness reward was partial "
+                     f"credit (answers that contain the reference without being it): drop --partial_credit")
+    return "".join("\n" + line for line in lines)
 
 
 def write_plot(out_dir: str, log: list[dict]) -> None:

@@ -10,6 +10,7 @@ and every completion is scored by plain functions over strings:
 * ``extract_answer``      - pull the final answer out of the completion
 * ``format_reward``       - 1.0 for exactly the think-then-answer layout, else 0.0
 * ``correctness_reward``  - reasoning-gym's own scorer, made crash-proof
+* ``work_lines``          - which worked lines ``a op b = c`` of the completion hold
 * ``length_rewards``      - Kimi 1.5 length penalty, computed per GRPO group
 * ``total_reward``        - weighted sum of the above
 * ``score_completion``    - the per-completion part bundled into one dict
@@ -18,7 +19,9 @@ No torch here on purpose: these run on CPU over decoded text and are easy
 to unit test.
 """
 
+import ast
 import math
+import operator
 import re
 from typing import Callable
 
@@ -117,29 +120,47 @@ def total_reward(
             + w_difficulty * difficulty)
 
 
-def score_completion(text: str, entry: dict, score_answer: ScoreFn) -> dict:
+def score_completion(text: str, entry: dict, score_answer: ScoreFn, partial_credit: bool = False,
+                     check_work: bool = False) -> dict:
     """Everything that can be scored from one completion alone.
 
     The length reward needs the whole group, so the trainer adds it later.
-    "correct" means full marks: reasoning-gym gives partial credit (e.g.
-    "Yes." scores 0.75 against "Yes"), which must not count as solved.
+    "score" is the task's own score in [0, 1]; "correct" means full marks.
+    The reward's "correctness" is binary unless partial_credit: reasoning-gym
+    gives len(reference) / len(answer) when the reference is a substring of
+    the answer ("58" earns 0.5 against "8"), and the group's normalisation
+    turns such a fraction into a full-size advantage where no sample is
+    right, a shortcut GRPO learns. check_work: correctness is 0 unless every
+    checkable line of the work holds (work_lines).
     """
     answer = extract_answer(text)
-    correctness = correctness_reward(answer, entry, score_answer)
+    score = correctness_reward(answer, entry, score_answer)
+    lines = work_lines(text)
+    correctness = score if partial_credit else float(score >= 1.0)
+    if check_work and not all(lines):
+        correctness = 0.0
     return {
         "answer": answer,
+        "score": score,
         "correctness": correctness,
         "format": format_reward(text),
-        "correct": correctness >= 1.0,
+        "correct": score >= 1.0,
+        "work_lines": len(lines),
+        "work_holds": all(lines),
     }
 
 
 def score_group(texts: list[str], lengths: list[int], entry: dict, score_answer: ScoreFn, w,
                 pass_rate: float | None = None) -> list[dict]:
     """Reward parts and total of the G completions of one question. `w` holds the weights (w_correct, w_format,
-    w_length, w_overlong, w_difficulty), max_new_tokens and overlong_buffer (grpo.py's Config). pass_rate: the
-    question's pass rate from the curriculum pool; without one, the group's own."""
-    parts = [score_completion(t, entry, score_answer) for t in texts]
+    w_length, w_overlong, w_difficulty), partial_credit, check_work, max_new_tokens and overlong_buffer (grpo.py's
+    Config). pass_rate: the question's pass rate from the curriculum pool; without one, the group's own."""
+    parts = [score_completion(t, entry, score_answer, w.partial_credit, w.check_work) for t in texts]
+    return add_rewards(parts, lengths, w, pass_rate)
+
+
+def add_rewards(parts: list[dict], lengths: list[int], w, pass_rate: float | None = None) -> list[dict]:
+    """The group-dependent terms and the total reward of each part, from its "correctness" and "correct"."""
     correct = [p["correct"] for p in parts]
     length = length_rewards(lengths, correct) if w.w_length else [0.0] * len(parts)
     pass_rate = sum(correct) / len(correct) if pass_rate is None else pass_rate
@@ -149,6 +170,54 @@ def score_group(texts: list[str], lengths: list[int], entry: dict, score_answer:
         p["reward"] = total_reward(p["correctness"], p["format"], lam, w.w_correct, w.w_format, w.w_length,
                                    p["overlong"], w.w_overlong, p["difficulty_bonus"], w.w_difficulty)
     return parts
+
+
+def random_correctness(groups: list[list[dict]], coins: list[float]) -> None:
+    """The spurious-reward control: each part's correctness becomes 1 with the probability that the real
+    correctness had over all `groups` (one coin in [0, 1) per part, in order), else 0. Whatever then differs
+    between a control run and a real one is the verifier's information."""
+    parts = [p for group in groups for p in group]
+    rate = sum(p["correctness"] for p in parts) / len(parts)
+    for p, coin in zip(parts, coins):
+        p["correctness"] = float(coin < rate)
+
+
+# Worked arithmetic that can be checked: numbers joined by + - * / then "= number" ("61 - 5 = 56",
+# "e = 56 / 8 = 7", "13 + 45 - 7 = 51"). A match may not start inside a number or a word.
+_NUMBER = r"-?\d+(?:\.\d+)?"
+_WORK_RE = re.compile(rf"(?<![\w.])({_NUMBER}(?:\s*[-+*/]\s*{_NUMBER})+)\s*=\s*({_NUMBER})(?![\w.])")
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def _arithmetic(node) -> float:
+    """The value of a parsed expression of numbers, + - * / and unary minus (nothing else reaches here)."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.UnaryOp):
+        return -_arithmetic(node.operand)
+    return _OPS[type(node.op)](_arithmetic(node.left), _arithmetic(node.right))
+
+
+def work_lines(text: str) -> list[bool]:
+    """Whether each checkable piece of arithmetic in `text` holds. Checkable: numbers joined by + - * / and then
+    "= number", not preceded by an operator or a bracket (in "2*x - 3 + 4 = 8" or "(4 + 5) * 2 = 18" the
+    left side is not all there). An integer result must be exact ("54 / 7 = 8" fails); a result with d decimals
+    must be the value rounded to d decimals ("10 / 3 = 3.33" holds)."""
+    checks = []
+    for m in _WORK_RE.finditer(text):
+        before = text[:m.start()].rstrip()
+        if before.endswith(tuple("+-*/^()")):
+            continue
+        expression, result = m.group(1), m.group(2)
+        try:
+            value = _arithmetic(ast.parse(expression, mode="eval").body)
+        except ZeroDivisionError:
+            checks.append(False)
+            continue
+        decimals = len(result.partition(".")[2])
+        tolerance = 0.5 * 10 ** -decimals + 1e-9 if decimals else 1e-9
+        checks.append(abs(value - float(result)) <= tolerance)
+    return checks
 
 
 def overlong_penalty(length: int, max_len: int, buffer: int) -> float:

@@ -23,8 +23,8 @@ import ddp
 import report
 from flags import fail
 
-SAMPLE_KEYS = ("question", "text", "reward", "correctness", "format", "length_reward", "overlong", "difficulty_bonus",
-               "advantage", "truncated")
+SAMPLE_KEYS = ("question", "text", "reward", "score", "correctness", "format", "work_holds", "length_reward",
+               "overlong", "difficulty_bonus", "advantage", "truncated")
 
 
 def claim(out_dir: str, resume: bool, overwrite: bool, markers=("ckpt.pt", "log.jsonl")) -> None:

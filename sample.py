@@ -103,7 +103,7 @@ def main(args: SampleConfig):
         print("=" * 100 + f"\n{e['question']}\n" + "-" * 100 + f"\n{text}\n" + "-" * 100)
         if score:
             s = R.score_completion(text, e, score)
-            print(f"reference {e['answer']!r} | answer {s['answer']!r} | correctness {s['correctness']:.2f} | "
+            print(f"reference {e['answer']!r} | answer {s['answer']!r} | score {s['score']:.2f} | "
                   f"format {s['format']:.0f} | {len(c)} tokens")
         else:
             print(f"answer {R.extract_answer(text)!r} | format {R.format_reward(text):.0f} | {len(c)} tokens")

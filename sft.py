@@ -277,7 +277,7 @@ def to_sample(tok, ex: dict) -> dict:
 
 def sft_loss(model, samples: list[dict], weights: torch.Tensor, pad_id: int, device) -> torch.Tensor:
     """Weighted negative log-likelihood of the completion tokens only; prompts carry no loss."""
-    logp = grpo.completion_logprobs(model, grpo.collate(samples, pad_id, device), temperature=1.0)
+    logp, _ = grpo.completion_logprobs(model, grpo.collate(samples, pad_id, device), temperature=1.0)
     return -(logp * weights.to(device, logp.dtype)).sum()
 
 

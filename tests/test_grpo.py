@@ -1,7 +1,9 @@
 """Specification of grpo.py on tiny random models: sampler, log-probs, buffer, advantages, loss, LoRA."""
 import contextlib
 import dataclasses
+import math
 import platform
+import types
 
 import pytest
 import torch
@@ -213,10 +215,11 @@ def test_completion_logprobs_equal_log_softmax_of_full_logits(kind):
     buffer = make_buffer(model)
     batch = grpo.collate(buffer, EOS, "cpu")
     assert len(batch[0]) == len(PROMPTS) < len(buffer)  # each prompt runs once
-    ours = grpo.completion_logprobs(model, batch, temperature=0.7, chunk=5)  # small chunks: several of them
+    ours, entropy = grpo.completion_logprobs(model, batch, temperature=0.7, chunk=5)  # several small chunks
     ids, mask, predicts, targets = padded_sequences(buffer)
     full = (hf_twin(model)(input_ids=ids, attention_mask=mask).logits / 0.7).log_softmax(-1)[predicts]
     assert torch.allclose(ours, full.gather(-1, targets[:, None]).squeeze(-1), atol=1e-10)
+    assert torch.allclose(entropy, -(full.exp() * full).sum(-1), atol=1e-10)  # the sampling distribution's
 
 
 def test_token_logprobs_gradient_equals_autograd_of_log_softmax():
@@ -227,7 +230,8 @@ def test_token_logprobs_gradient_equals_autograd_of_log_softmax():
     w = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
     targets = torch.randint(0, 50, (7,), generator=g)
     upstream = torch.randn(7, dtype=torch.float64, generator=g)
-    ours = grpo.TokenLogprobs.apply(h, w, targets, 0.7)
+    ours, entropy = grpo.TokenLogprobs.apply(h, w, targets, 0.7)
+    assert not entropy.requires_grad  # watched, never trained on
     (ours * upstream).sum().backward()
     ours_grads = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
@@ -270,7 +274,7 @@ def test_the_first_step_keeps_its_own_log_probs_as_the_old_ones_for_later_epochs
     cfg = cfg_for(batch_size=4, gradient_accumulation_steps=1)
     minibatches = grpo.shuffled_minibatches(make_buffer(model), cfg.batch_size, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = grpo.completion_logprobs(model, grpo.collate(minibatches[0], EOS, "cpu"), cfg.temperature)
+        expected, _ = grpo.completion_logprobs(model, grpo.collate(minibatches[0], EOS, "cpu"), cfg.temperature)
     old = {}
     grpo.accumulate_gradients(model, minibatches[:1], old, {}, cfg, EOS, "cpu")
     assert set(old) == {id(s) for s in minibatches[0]}
@@ -297,7 +301,7 @@ def test_training_through_packed_base_weights_gives_the_same_loss_and_gradient()
                 frozen = [m.base for m in model.modules() if isinstance(m, grpo.LoRALinear)]
                 assert all(isinstance(f, packed.FrozenLinear) for f in frozen)
                 assert all(f.packed_t is not None for f in frozen) == packed.packing_works()
-            loss, _ = grpo.accumulate_gradients(model, [buffer], {}, {}, cfg, EOS, "cpu")
+            loss, _, _ = grpo.accumulate_gradients(model, [buffer], {}, {}, cfg, EOS, "cpu")
         return loss, [p.grad.clone() for p in params]
 
     plain_loss, plain = grads(False)
@@ -339,7 +343,7 @@ def test_grad_accumulation_matches_big_batch_and_the_naive_loss(loss_agg):
         s["advantage"] = 0.0
     cfg = cfg_for(loss_agg=loss_agg)
     with torch.no_grad():  # the old policy
-        logp = grpo.completion_logprobs(model, grpo.collate(buffer, EOS, "cpu"), cfg.temperature)
+        logp, _ = grpo.completion_logprobs(model, grpo.collate(buffer, EOS, "cpu"), cfg.temperature)
     old = {id(s): o for s, o in zip(buffer, logp.split([len(s["completion"]) for s in buffer]))}
     with torch.no_grad():  # move the policy so that ratios differ from 1 and some get clipped
         for p in model.parameters():
@@ -469,6 +473,7 @@ def test_update_changes_only_lora_weights_and_reports_stats():
     stats = grpo.update(model, opt, buffer, cfg, EOS, torch.Generator().manual_seed(0), "cpu")
     assert stats["optimizer_steps"] == 2 * 2  # 12 samples = 3 minibatches -> steps of 2 + 1, two epochs
     assert 0 <= stats["clip_frac"] <= 1 and stats["grad_norm"] > 0
+    assert 0 < stats["entropy"] < math.log(model.config.vocab_size)  # nats; a uniform policy would reach the bound
     state = dict(model.named_parameters())
     for n, p in base.items():  # frozen weights untouched (names now sit under .base)
         moved = n.replace("q_proj.weight", "q_proj.base.weight").replace("v_proj.weight", "v_proj.base.weight")
@@ -542,3 +547,107 @@ def test_paired_gain_counts_the_questions_that_changed_and_mcnemar_p():
     assert g["eval_gain_se"] == pytest.approx((sum((d - 0.1) ** 2 for d in [1] * 10 + [0] * 90) / 99 / 100) ** 0.5)
     even = report.paired_gain([1, 0, 1, 0], [0, 1, 0, 1])  # as many turned wrong as right: no evidence at all
     assert even["eval_gain"] == 0 and even["eval_gain_p"] == 1.0
+
+
+def train_row(step, **kw):
+    row = {"step": step, "reward_mean": 0.5, "entropy": 0.6, "completion_len_mean": 60.0, "len_right_mean": 58.0,
+           "partial_credit_share": 0.0}
+    return {**row, **kw}
+
+
+@pytest.mark.parametrize("key, what", [("entropy", "entropy"), ("completion_len_mean", "mean completion length"),
+                                       ("len_right_mean", "length of right answers")])
+def test_a_halving_within_five_steps_is_warned_about(key, what):
+    rows = [train_row(s) for s in range(1, 6)]
+    assert report.collapse_warnings(rows + [train_row(6, **{key: 0.31 * train_row(0)[key]})]).count("\n") == 1
+    assert what in report.collapse_warnings(rows + [train_row(6, **{key: 0.5 * train_row(0)[key]})])
+    assert report.collapse_warnings(rows + [train_row(6, **{key: 0.55 * train_row(0)[key]})]) == ""
+    slow = [train_row(1)] + [train_row(s, **{key: 0.6 * train_row(0)[key]}) for s in range(2, 8)]
+    assert report.collapse_warnings(slow + [train_row(8, **{key: 0.4 * train_row(0)[key]})]) == ""  # step 1: too old
+
+
+def test_no_entropy_this_step_and_a_first_step_warn_of_nothing():
+    assert report.collapse_warnings([train_row(1)]) == ""
+    assert report.collapse_warnings([train_row(1), train_row(2, entropy=float("nan"))]) == ""
+    assert report.collapse_warnings([{"step": 0, "eval_accuracy": 0.3}]) == ""
+
+
+def test_most_correctness_from_partial_credit_is_warned_about():
+    assert "--partial_credit" in report.collapse_warnings([train_row(1, partial_credit_share=0.6)])
+    assert report.collapse_warnings([train_row(1, partial_credit_share=0.4)]) == ""
+
+
+def test_buffer_stats_split_lengths_by_verdict_and_count_partial_credit():
+    def sample(correct, n, score, correctness):
+        return {"reward": 0.0, "correct": correct, "format": 1.0, "truncated": False, "length_reward": 0.0,
+                "overlong": 0.0, "difficulty_bonus": 0.0, "advantage": 0.5, "completion": [1] * n, "score": score,
+                "correctness": correctness}
+
+    stats = grpo.buffer_stats([sample(True, 40, 1.0, 1.0), sample(False, 60, 0.5, 0.5), sample(False, 80, 0.0, 0.0),
+                               sample(False, 100, 0.2, 0.0)])
+    assert (stats["len_right_mean"], stats["len_wrong_mean"]) == (40, 80)
+    assert stats["partial_credit_rate"] == 0.5  # two of four scored strictly between 0 and 1
+    assert stats["partial_credit_share"] == pytest.approx(0.5 / 1.5)  # of the correctness paid out
+    assert math.isnan(grpo.buffer_stats([sample(False, 10, 0.0, 0.0)] * 2)["len_right_mean"])
+
+
+class WordTokenizer:
+    """Just enough of a tokenizer for rollout(): every prompt is two tokens, a completion one token per text."""
+    eos_token_id = 0
+    texts = {3: "<think>2 + 6 = 8</think><answer>8</answer>", 4: "<think>2 + 5 = 8</think><answer>7</answer>"}
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        return messages[-1]["content"]
+
+    def __call__(self, text, add_special_tokens):
+        return types.SimpleNamespace(input_ids=[1, 2])
+
+    def decode(self, ids, skip_special_tokens):
+        return self.texts[ids[0]]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_random_reward_control_keeps_the_rate_and_drops_the_verdicts(seed, monkeypatch):
+    completions = [[3], [4], [4], [4], [4], [3], [4], [4]]  # two right answers of eight
+    monkeypatch.setattr(grpo, "generate", lambda *args, **kw: (completions, [False] * len(completions)))
+    model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=1024))
+    entries = [{"question": "q1", "answer": "8"}, {"question": "q2", "answer": "8"}]
+    score = lambda answer, entry: float(answer == entry["answer"])
+    real = grpo.rollout(model, WordTokenizer(), entries, score, grpo.Config(G=4), torch.Generator().manual_seed(seed))
+    assert [s["correctness"] for s in real] == [1.0, 0, 0, 0, 0, 1.0, 0, 0]
+    control = grpo.rollout(model, WordTokenizer(), entries, score, grpo.Config(G=4, random_reward=True),
+                           torch.Generator().manual_seed(seed))
+    coins = torch.rand(8, generator=torch.Generator().manual_seed(seed)).tolist()  # the control's draws
+    assert [s["correctness"] for s in control] == [float(c < 2 / 8) for c in coins]
+    assert [s["correct"] for s in control] == [s["correct"] for s in real]  # metrics still see the real verdicts
+    assert all(s["reward"] == pytest.approx(0.85 * s["correctness"] + 0.15) for s in control)
+    for b in (0, 4):  # advantages from the control's rewards
+        group = torch.tensor([[s["reward"] for s in control[b:b + 4]]])
+        assert [s["advantage"] for s in control[b:b + 4]] == grpo.group_advantages(group, True)[0].tolist()
+
+
+def test_check_work_in_a_rollout_pays_only_the_right_answer_with_right_work(monkeypatch):
+    completions = [[3], [4]]
+    monkeypatch.setattr(WordTokenizer, "texts", {3: WordTokenizer.texts[3],
+                                                 4: "<think>2 + 5 = 8</think><answer>8</answer>"})  # wrong work
+    monkeypatch.setattr(grpo, "generate", lambda *args, **kw: (completions, [False] * len(completions)))
+    model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=1024))
+    score = lambda answer, entry: float(answer == entry["answer"])
+    samples = grpo.rollout(model, WordTokenizer(), [{"question": "q", "answer": "8"}], score,
+                           grpo.Config(G=2, check_work=True), torch.Generator())
+    assert [s["correct"] for s in samples] == [True, True]
+    assert [s["correctness"] for s in samples] == [1.0, 0.0] and samples[0]["advantage"] > samples[1]["advantage"]
+
+
+def test_the_faithful_rate_is_the_share_of_right_answers_whose_work_holds(monkeypatch):
+    texts = {3: "<think>2 + 6 = 8</think><answer>8</answer>", 4: "<think>2 + 5 = 8</think><answer>8</answer>",
+             5: "<think>2 + 5 = 7</think><answer>7</answer>"}
+    monkeypatch.setattr(WordTokenizer, "texts", texts)
+    monkeypatch.setattr(grpo, "generate", lambda model, prompts, *args, **kw: ([[3], [4], [4], [5]][:len(prompts)],
+                                                                               [False] * len(prompts)))
+    model = types.SimpleNamespace(lm_head=types.SimpleNamespace(weight=torch.zeros(1)))
+    entries = [{"question": f"q{i}", "answer": "8"} for i in range(4)]
+    metrics, rows = grpo.evaluate(model, WordTokenizer(), entries, lambda a, e: float(a == e["answer"]), 8)
+    assert metrics["eval_accuracy"] == 0.75 and metrics["eval_faithful_rate"] == pytest.approx(1 / 3)
+    monkeypatch.setattr(WordTokenizer, "texts", {i: "<think>x</think><answer>8</answer>" for i in (3, 4, 5)})
+    assert "eval_faithful_rate" not in grpo.evaluate(model, WordTokenizer(), entries, lambda a, e: 1.0, 8)[0]

@@ -4,12 +4,15 @@ import pytest
 import reasoning_gym as rg
 
 from reward import (
+    add_rewards,
     correctness_reward,
     extract_answer,
     format_reward,
     length_rewards,
+    random_correctness,
     score_completion,
     total_reward,
+    work_lines,
 )
 
 # (id, completion, extracted answer, format reward)
@@ -74,7 +77,7 @@ def logic():
 
 
 @pytest.mark.parametrize(
-    "text, correctness, correct",
+    "text, score, correct",
     [
         ("<think>x</think><answer>Yes</answer>", 1.0, True),
         ("<think>x</think><answer>\n  Yes \n</answer>", 1.0, True),  # stripped before scoring
@@ -84,11 +87,13 @@ def logic():
         ("The answer is Yes.", 0.0, False),  # no tags -> nothing to score
     ],
 )
-def test_syllogism_scored_with_real_scorer(syllogism, text, correctness, correct):
+def test_syllogism_scored_with_real_scorer(syllogism, text, score, correct):
     ds, entry = syllogism
     result = score_completion(text, entry, ds.score_answer)
-    assert result["correctness"] == pytest.approx(correctness)
+    assert result["score"] == pytest.approx(score)
     assert result["correct"] is correct
+    assert result["correctness"] == float(correct)  # the reward's: full marks or nothing
+    assert score_completion(text, entry, ds.score_answer, partial_credit=True)["correctness"] == pytest.approx(score)
 
 
 def test_raw_scorer_rejects_surrounding_whitespace(syllogism):
@@ -113,10 +118,10 @@ def test_raw_scorer_rejects_surrounding_whitespace(syllogism):
 def test_propositional_logic_scored_by_validity(logic, answer, correctness):
     ds, entry = logic
     text = f"<think>P holds and P differs from S.</think>\n<answer>\n{answer}\n</answer>"
-    result = score_completion(text, entry, ds.score_answer)
+    result = score_completion(text, entry, ds.score_answer, partial_credit=True)
     assert result["answer"] == answer
     assert result["format"] == 1.0
-    assert result["correctness"] == pytest.approx(correctness)
+    assert result["score"] == result["correctness"] == pytest.approx(correctness)
     assert result["correct"] is (correctness == 1.0)
 
 
@@ -149,7 +154,87 @@ def test_correctness_is_clamped_to_unit_interval(raw, clamped):
 def test_score_completion_returns_all_fields(syllogism):
     ds, entry = syllogism
     result = score_completion("<think>x</think><answer>Yes</answer>", entry, ds.score_answer)
-    assert result == {"answer": "Yes", "correctness": 1.0, "format": 1.0, "correct": True}
+    assert result == {"answer": "Yes", "score": 1.0, "correctness": 1.0, "format": 1.0, "correct": True,
+                      "work_lines": 0, "work_holds": True}
+
+
+# --- partial credit: reasoning-gym's substring scores, paid only when asked --------------------------------
+
+
+@pytest.fixture(scope="module")
+def equation():
+    ds = rg.create_dataset("simple_equations", size=50, seed=3, min_terms=2, max_terms=2, min_value=1,
+                           max_value=10, operators_weights=[0.5, 0.5, 0])
+    entry = next(e for e in ds if e["answer"] == "8")
+    return ds, entry
+
+
+@pytest.mark.parametrize(
+    "answer, score",
+    [
+        ("8", 1.0),
+        ("58", 0.5),  # the reference is a substring: reasoning-gym's default scorer pays len(ref) / len(answer)
+        ("-8", 0.5),
+        ("x = 8", 0.2),  # a right answer written out earns less than a wrong "58"
+        ("7", 0.0),
+    ],
+)
+def test_substring_partial_credit_is_not_paid_by_default(equation, answer, score):
+    ds, entry = equation
+    text = f"<think>work</think><answer>{answer}</answer>"
+    assert score_completion(text, entry, ds.score_answer)["score"] == pytest.approx(score)
+    assert score_completion(text, entry, ds.score_answer)["correctness"] == (1.0 if score == 1 else 0.0)
+    assert score_completion(text, entry, ds.score_answer, partial_credit=True)["correctness"] == pytest.approx(score)
+
+
+# --- worked lines: the arithmetic a completion shows, checked ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, holds",
+    [
+        ("Subtract 5 from both sides: 8*e = 61 - 5 = 56\nDivide both sides by 8: e = 56 / 8 = 7", [True, True]),
+        ("7*u = 60 - 4 = 54\nu = 54 / 7 = 8", [False, False]),  # right answers, wrong work (a real completion)
+        ("Add 9 to both sides: -6*i = -27 - 9 = -35", [False]),
+        ("-27 - 9 = -36", [True]),
+        ("13 + 45 - 7 = 51\n51 + 8 = 59", [True, True]),  # a chain is evaluated whole
+        ("Then 3 - -2 = 5", [True]),
+        ("10 / 3 = 3.33", [True]),  # rounded to the decimals written
+        ("10 / 3 = 3", [False]),  # an integer result must be exact
+        ("5 / 0 = 1", [False]),
+        ("2*x - 3 + 4 = 8", []),  # the left side has a variable: not checkable
+        ("(4 + 5) * 2 = 18", []),
+        ("x = 7", []),
+        ("e = 5.5.5 + 1 = 2", []),
+    ],
+)
+def test_work_lines_check_each_worked_step(text, holds):
+    assert work_lines(text) == holds
+
+
+def test_check_work_pays_a_right_answer_only_with_right_work(equation):
+    ds, entry = equation
+    good = "<think>\n2 + 6 = 8\n</think>\n<answer>8</answer>"
+    bad = "<think>\n2 + 5 = 8\n</think>\n<answer>8</answer>"
+    assert score_completion(bad, entry, ds.score_answer)["correctness"] == 1.0  # by default only the answer counts
+    assert score_completion(bad, entry, ds.score_answer, check_work=True)["correctness"] == 0.0
+    assert score_completion(good, entry, ds.score_answer, check_work=True)["correctness"] == 1.0
+    assert score_completion(bad, entry, ds.score_answer, check_work=True)["correct"]  # metrics: the task's verdict
+
+
+def test_random_correctness_keeps_the_rate_and_forgets_the_verdicts():
+    groups = [[{"correctness": c} for c in (1.0, 0.0, 0.0)], [{"correctness": c} for c in (1.0, 0.0, 0.0)]]
+    random_correctness(groups, coins=[0.9, 0.1, 0.5, 0.2, 0.4, 0.3])  # real rate 2/6: a coin below 1/3 is right
+    assert [p["correctness"] for g in groups for p in g] == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+
+
+def test_add_rewards_totals_from_the_parts_correctness():
+    class W:
+        w_correct, w_format, w_length, w_overlong, w_difficulty = 0.85, 0.15, 0.0, 0.0, 0.0
+        max_new_tokens, overlong_buffer = 100, 10
+
+    parts = add_rewards([{"correctness": 1.0, "format": 1.0, "correct": False}], [5], W)
+    assert parts[0]["reward"] == pytest.approx(1.0)
 
 
 # --- length reward (Kimi 1.5), per GRPO group ------------------------------
