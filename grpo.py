@@ -718,7 +718,7 @@ def main(cfg: Config):
     device, dtype, why = weights.resolve_device(cfg.device, cfg.dtype)
     device = ddp.init(device)
     rank, world = ddp.rank_world()
-    run = rundir.Run(cfg.out_dir, cfg.resume, cfg.overwrite, write=rank == 0)
+    run = rundir.Run(cfg.out_dir, cfg.resume, cfg.overwrite, write=rank == 0, cfg=cfg)
     ckpt = rundir.read_checkpoint(run.ckpt_path if cfg.resume else cfg.init_from, cfg) \
         if cfg.resume or cfg.init_from else None
     random.seed(cfg.seed)

@@ -8,13 +8,17 @@ rundir.py: the files of one run, in its out_dir, and how they survive a crash.
     curves.png     reward, train correctness and format, eval accuracy against the step (report.py)
 
 An out_dir holds one run: a new run refuses an out_dir that holds one, unless told to --resume it or to
---overwrite it (the old run is then moved aside, never deleted). Only the first process writes.
+--overwrite it (the old run is then moved aside, never deleted); --resume refuses flags that would make it another
+run. Only the first process writes. A file that cannot be written (a full disk) stops the run with one line, and
+the last checkpoint stays as it was.
 """
+import contextlib
 import dataclasses
 import json
 import os
 import random
 import signal
+import tempfile
 import time
 
 import torch
@@ -27,11 +31,16 @@ SAMPLE_KEYS = ("question", "text", "reward", "score", "correctness", "format", "
                "overlong", "difficulty_bonus", "advantage", "truncated")
 
 
+# Flags that only steer the rest of a run: --resume may change them. Any other difference makes another run.
+STEERING = ("max_steps", "eval_interval", "save_interval", "eval_only", "resume", "overwrite", "out_dir")
+
+
 def claim(out_dir: str, resume: bool, overwrite: bool, markers=("ckpt.pt", "log.jsonl")) -> None:
     """Check, before any work, that this run may write in out_dir: a new run never mixes into or overwrites another
     (any of `markers` there means one is); --resume needs one to continue; --overwrite moves the old one aside."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         fail(f"--out_dir {out_dir} is a file: give a folder")
+    check_writable(out_dir)
     if resume:
         if not os.path.exists(os.path.join(out_dir, "ckpt.pt")):
             fail(f"--resume: there is no {os.path.join(out_dir, 'ckpt.pt')} to resume from")
@@ -46,46 +55,125 @@ def claim(out_dir: str, resume: bool, overwrite: bool, markers=("ckpt.pt", "log.
              f"pass another --out_dir")
 
 
-class Run:
-    """log.jsonl, samples.jsonl, curves.png and ckpt.pt of one run (the folder is made at the first write)."""
+def check_writable(out_dir: str) -> None:
+    """One line now, rather than a traceback at the first write, for an out_dir that cannot be made or written.
+    Folders made to find out are removed again: bad input leaves nothing behind."""
+    made, folder = [], os.path.abspath(out_dir)
+    while not os.path.exists(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        for m in reversed(made):
+            os.mkdir(m)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        fail(f"--out_dir {out_dir} cannot be written ({e.strerror}): pass a folder this user can write")
+    finally:
+        for m in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(m)
 
-    def __init__(self, out_dir: str, resume: bool, overwrite: bool, write: bool = True):
+
+@contextlib.contextmanager
+def writing(path: str):
+    """A write that fails (a full disk, a folder gone) stops the run with one line; the last checkpoint is whole
+    (it is written to a temporary file and renamed)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        fail(f"could not write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}): the last "
+             f"checkpoint is intact; free space, then continue with --resume")
+
+
+def check_same_run(cfg, saved: dict, path: str) -> None:
+    """--resume continues one run: each flag must be the checkpoint's, except those that only steer the rest of
+    the run (STEERING), whose changes are named. A flag the checkpoint does not know (older code) is not compared."""
+    differ = [(k, saved[k], v) for k, v in dataclasses.asdict(cfg).items() if k in saved and saved[k] != v]
+    other = [f"--{k} {v} (the run's: {was})" for k, was, v in differ if k not in STEERING]
+    if other:
+        fail(f"--resume: {path} is a run with other settings: {', '.join(other)}; pass the run's own, or start a "
+             f"new run in another --out_dir")
+    steer = [f"--{k} {v} (was {was})" for k, was, v in differ if k not in ("resume", "overwrite")]
+    if steer:
+        print(f"--resume with {', '.join(steer)}")
+
+
+class Run:
+    """log.jsonl, samples.jsonl, curves.png and ckpt.pt of one run (the folder is made at the first write).
+    --resume: cfg must be the run's own (check_same_run); the rows of steps after the checkpoint, and a line a kill
+    left half-written, are dropped, so every step is logged exactly once."""
+
+    def __init__(self, out_dir: str, resume: bool, overwrite: bool, write: bool = True, cfg=None):
         if write:
             claim(out_dir, resume, overwrite)
         self.out_dir, self.write = out_dir, write
         self.ckpt_path = os.path.join(out_dir, "ckpt.pt")
         self.log_path, self.samples_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "samples.jsonl")
         self.rows = []
-        if resume:  # steps logged after the checkpoint was written are done again: drop them
-            step = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)["step"]
-            self.rows = [r for r in read_jsonl(self.log_path) if r["step"] <= step]
-            if write:
-                with open(self.log_path, "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        if resume:
+            ckpt = read_checkpoint(self.ckpt_path)
+            if cfg is not None:
+                check_same_run(cfg, ckpt["config"], self.ckpt_path)
+            self.rows = self.keep_until(self.log_path, ckpt["step"])
+            self.keep_until(self.samples_path, ckpt["step"])
+
+    def keep_until(self, path: str, step: int) -> list[dict]:
+        """The rows of path up to `step`, written back; says what was dropped."""
+        rows, torn = read_rows(path)
+        kept = [r for r in rows if r["step"] <= step]
+        if torn or len(kept) < len(rows):
+            print(f"--resume from step {step}: dropped from {os.path.basename(path)} "
+                  f"{len(rows) - len(kept)} rows of later steps" + (" and a half-written last line" if torn else ""))
+            if self.write:  # a new file renamed over the old: a kill now loses nothing
+                with writing(path):
+                    with open(path + ".tmp", "w") as f:
+                        f.writelines(json.dumps(r) + "\n" for r in kept)
+                    os.replace(path + ".tmp", path)
+        return kept
 
     def log(self, row: dict) -> None:
         self.rows.append(row)
         if self.write:
-            os.makedirs(self.out_dir, exist_ok=True)
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            report.write_plot(self.out_dir, self.rows)
+            with writing(self.log_path):
+                os.makedirs(self.out_dir, exist_ok=True)
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                report.write_plot(self.out_dir, self.rows)
 
     def samples(self, rows: list[dict]) -> None:
         if self.write:
-            os.makedirs(self.out_dir, exist_ok=True)
-            with open(self.samples_path, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+            with writing(self.samples_path):
+                os.makedirs(self.out_dir, exist_ok=True)
+                with open(self.samples_path, "a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
 
     def save_checkpoint(self, weights: dict, optimizer, cfg, step: int, questions, generator, pool=None,
                         eval_start=None) -> None:
         if self.write:
             os.makedirs(self.out_dir, exist_ok=True)
-            save_checkpoint(self.ckpt_path, weights, optimizer, cfg, step, questions.index, generator, pool, eval_start)
+            with writing(self.ckpt_path):
+                save_checkpoint(self.ckpt_path, weights, optimizer, cfg, step, questions.index, generator, pool,
+                                eval_start)
 
 
-def read_jsonl(path: str) -> list[dict]:
-    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+def read_rows(path: str) -> tuple[list[dict], bool]:
+    """The rows of a JSONL file this run wrote, and whether its last line was torn (a kill in mid-write): that line
+    is left out. A bad line anywhere else is damage no resume should guess around."""
+    lines = open(path).read().split("\n") if os.path.exists(path) else []
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # no newline after it: the write was cut
+                return rows, True
+            fail(f"{path}, line {i + 1}, is not JSON: the file is damaged; move it aside to continue without it")
+        rows.append(row)
+    return rows, False
 
 
 def save_checkpoint(path: str, weights: dict, optimizer, cfg, step: int, data_index: int, generator, pool=None,
@@ -111,7 +199,7 @@ def read_checkpoint(path: str, cfg=None) -> dict:
         ckpt["model"]
     except Exception as e:
         fail(f"{path} is not a checkpoint of grpo.py or sft.py ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
-    for key in ("model", "lora_r", "lora_targets") if cfg is not None else ():
+    for key in ("model", "lora_r", "lora_alpha", "lora_targets") if cfg is not None else ():
         if saved.get(key) != getattr(cfg, key):
             fail(f"{path} was trained with --{key} {saved.get(key)}, this run has --{key} {getattr(cfg, key)}: "
                  f"pass the same")

@@ -78,6 +78,8 @@ BAD_SFT = [
     (["--task", "sylogism"], "did you mean syllogism"),
     (["--model", "./no/such/model"], "no such folder"),
     (["--out_dir", "{file}"], "is a file: give a folder"),
+    (["--out_dir", "/proc/no/such/run"], "--out_dir /proc/no/such/run cannot be written"),
+    (["--out_dir", "{file}/run"], "cannot be written (Not a directory)"),
 ]
 BAD_SAMPLE = [
     (["--ckpt", "nope.pt"], "checkpoint nope.pt does not exist"),

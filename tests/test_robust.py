@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import flags
 import grpo
 from conftest import EOS, tiny_model
 from test_cli import ROOT, expect_usage_error, small_config
@@ -178,3 +179,107 @@ def test_memory_freed_after_a_step_is_kept_not_faulted_in_again():
     # Kept: 0-1024 faults here, 6144 once on another machine (small allocations between the blocks shift a few of
     # them past the first round's top); without keep_freed_memory it would be all 160 MB again.
     assert faults["keep"] < faults["default"] / 4
+
+
+# --- --resume continues the same run, and nothing else ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def one_step_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    subprocess.run(cli_args(tiny_model_dir, out, max_steps=1), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    return out
+
+
+def files(out_dir):
+    return {f: (out_dir / f).read_bytes() for f in ("ckpt.pt", "log.jsonl", "samples.jsonl")}
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(task="chain_sum"), "--task chain_sum (the run's: syllogism)"),
+    (dict(learning_rate=1e-4), "--learning_rate 0.0001 (the run's: 5e-05)"),
+    (dict(seed=3, G=3), "--seed 3 (the run's: 0), --G 3 (the run's: 2)"),
+    (dict(eval_size=5), "--eval_size 5 (the run's: 4)"),  # later evals are paired with step 0's questions
+    (dict(loss_agg="token"), "--loss_agg token (the run's: seq)"),
+])
+def test_resume_refuses_flags_that_make_another_run(change, message, one_step_run, tiny_model_dir):
+    before = files(one_step_run)
+    r = subprocess.run(cli_args(tiny_model_dir, one_step_run, max_steps=2, resume=True, **change), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert files(one_step_run) == before  # nothing written
+
+
+def test_resume_may_change_only_what_steers_the_rest_and_says_so(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    subprocess.run(cli_args(tiny_model_dir, out, max_steps=1), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    r = subprocess.run(cli_args(tiny_model_dir, out, max_steps=2, eval_interval=2, save_interval=2, resume=True),
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "--resume with --max_steps 2 (was 1), --eval_interval 2 (was 1), --save_interval 2 (was 1)" in r.stdout
+    assert [row["step"] for row in steps(out)] == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "out"
+    subprocess.run(cli_args(tiny_model_dir, out, max_steps=2), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    return out
+
+
+@pytest.mark.parametrize("damage", ["torn log", "torn samples and a later step logged"])
+def test_resume_drops_a_torn_line_and_steps_after_the_checkpoint(damage, one_step_run, two_step_run, tiny_model_dir,
+                                                                 tmp_path):
+    whole, out = two_step_run, tmp_path / "run"
+    shutil.copytree(one_step_run, out)
+    later = '{"step": 2, "reward_mean": 0.5}\n'
+    with open(out / "log.jsonl", "a") as log, open(out / "samples.jsonl", "a") as samples:
+        if damage == "torn log":
+            log.write('{"step": 2, "reward_m')  # a kill in mid-write
+        else:  # the checkpoint of step 1, the logs of step 2, then a kill in mid-write
+            log.write(later)
+            samples.write(later + '{"step": 2, "quest')
+    r = subprocess.run(cli_args(tiny_model_dir, out, max_steps=2, resume=True), cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "--resume from step 1: dropped from" in r.stdout
+    assert steps(out) == steps(whole)  # every step exactly once, as in the run that was never interrupted
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert samples == [json.loads(line) for line in open(whole / "samples.jsonl")]
+
+
+def test_a_damaged_line_inside_the_log_is_refused_not_guessed_around(one_step_run, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(one_step_run, out)
+    lines = open(out / "log.jsonl").read().split("\n")
+    open(out / "log.jsonl", "w").write("\n".join(["{not json"] + lines))
+    r = subprocess.run(cli_args(tiny_model_dir, out, max_steps=2, resume=True), cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "log.jsonl, line 1, is not JSON" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_init_from_refuses_another_lora_alpha(one_step_run, tiny_model_dir, tmp_path):
+    r = subprocess.run(cli_args(tiny_model_dir, tmp_path / "new", init_from=str(one_step_run / "ckpt.pt"),
+                                lora_alpha=16.0), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "was trained with --lora_alpha 8.0, this run has --lora_alpha 16.0" in r.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_last_one(tiny_model_dir, tmp_path,
+                                                                                 monkeypatch, capsys):
+    out = tmp_path / "run"
+    grpo.main(small_config(tiny_model_dir, out, max_steps=1))
+    last = (out / "ckpt.pt").read_bytes()
+
+    def full_disk(obj, path, *args, **kw):
+        open(path, "wb").write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(sys, "argv", ["grpo.py", *cli_args(tiny_model_dir, out, max_steps=2, resume=True)[2:]])
+    with pytest.raises(SystemExit) as e:
+        flags.run(grpo.main, grpo.Config, "")  # as `python grpo.py` runs
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: could not write") and "No space left on device" in err
+    assert (out / "ckpt.pt").read_bytes() == last and not (out / "ckpt.pt.tmp").exists()
