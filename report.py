@@ -59,8 +59,9 @@ def step_line(row: dict, max_steps: int, max_new_tokens: int) -> str:
     """The step's one line, and a line for each silent failure: no well-formed completion, most of them cut off."""
     line = (f"step {row['step']}/{max_steps} | reward {row['reward_mean']:.2f}±{row['reward_std']:.2f} | "
             f"correct {row['correct_rate']:.2f} | format {row['format_rate']:.2f} | "
-            f"len {row['completion_len_mean']:.0f} (right {row['len_right_mean']:.0f}, wrong {row['len_wrong_mean']:.0f}) | entropy {row['entropy']:.3f} "
-            f"| clip {row['clip_frac']:.2f} | loss {row['loss']:.4f} | {row['step_s']:.1f}s")
+            f"len {row['completion_len_mean']:.0f} (right {row['len_right_mean']:.0f}, "
+            f"wrong {row['len_wrong_mean']:.0f}) | entropy {row['entropy']:.3f} | clip {row['clip_frac']:.2f} | "
+            f"loss {row['loss']:.4f} | {row['step_s']:.1f}s")
     if row["format_rate"] == 0:
         line += f"\nstep {row['step']}: no completion was well-formed; {NO_FORMAT}"
     if row["truncated_rate"] > 0.5:
