@@ -29,6 +29,7 @@ import torch
 import flags
 import grpo
 import model as M
+import reward as R
 import tasks as T
 import weights
 from flags import opt
@@ -73,7 +74,7 @@ def measure(args: BenchConfig, device: str, dtype: torch.dtype, why: str) -> dic
     n_params = sum(p.numel() for p in model.parameters())
     task = T.make_task(cfg.task, 10**6, 0)
     entries = [task[i] for i in range(cfg.exploration_batchsize)]
-    prompts = [grpo.encode_prompt(tok, e["question"]) for e in entries]
+    prompts = [R.encode_prompt(tok, e["question"]) for e in entries]
     r = {"device": device, "dtype": str(dtype).replace("torch.", ""), "model_params_m": n_params / 1e6,
          "matmul_gflops": matmul_gflops(device, dtype)}
     sample_limit = r["matmul_gflops"] * 1e9 / (2 * n_params)
@@ -105,7 +106,7 @@ def measure(args: BenchConfig, device: str, dtype: torch.dtype, why: str) -> dic
     r["sampler_vs_limit"] = r["sampler_tok_s"] / sample_limit
     # ... and at grpo.py's default rollout size (exploration_batchsize questions x G at once): more rows per step
     # use each weight read for more tokens. One run, the code already warm.
-    wide = [grpo.encode_prompt(tok, task[i]["question"]) for i in range(grpo.Config().exploration_batchsize)]
+    wide = [R.encode_prompt(tok, task[i]["question"]) for i in range(grpo.Config().exploration_batchsize)]
     with torch.no_grad():
         _, s = timed(lambda: grpo.generate(model, wide, cfg.G, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                            tok.eos_token_id, gen, stop_at_eos=False), device)

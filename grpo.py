@@ -58,10 +58,6 @@ from flags import fail, opt
 from model import DecodeCache, Prefill, PromptsThenCompletions, own_tokens_mask, upcast
 from packed import frozen_linears, keep_freed_memory
 
-SYSTEM_PROMPT = (
-    "You are a helpful assistant. You first think about the reasoning process and then give the answer. "
-    "The reasoning is enclosed in <think> </think> tags and the answer in <answer> </answer> tags, i.e. "
-    "<think> reasoning here </think> <answer> answer here </answer>.")
 EVAL_SEED = 10**9  # the held-out questions: a seed far from any training seed, the same set in every run
 
 
@@ -382,12 +378,6 @@ def completion_logprobs(model, batch, temperature: float, grad_checkpoint: bool 
 # ----------------------------------------------------------------------------------------------------------
 # Rollout and buffer: questions -> G completions each -> rewards -> group advantages -> unpadded buffer entries
 
-def encode_prompt(tok, question: str) -> list[int]:
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tok(text, add_special_tokens=False).input_ids
-
-
 def check_context(model, prompts: list[list[int]], max_new_tokens: int) -> None:
     limit = getattr(model.config, "max_position_embeddings", None)
     longest = max(len(p) for p in prompts)
@@ -406,7 +396,7 @@ def group_advantages(rewards: torch.Tensor, scale: bool, eps: float = 1e-4) -> t
 
 def rollout(model, tok, entries: list[dict], score_fn, cfg: Config, generator, pass_rates=None) -> list[dict]:
     """Sample G completions for each entry, score them and return buffer entries (unpadded token lists)."""
-    prompts = [encode_prompt(tok, e["question"]) for e in entries]
+    prompts = [R.encode_prompt(tok, e["question"]) for e in entries]
     check_context(model, prompts, cfg.max_new_tokens)
     completions, truncated = generate(model, prompts, cfg.G, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                       tok.eos_token_id, generator)
@@ -645,7 +635,7 @@ def evaluate(model, tok, entries: list[dict], score_fn, max_new_tokens: int, sam
     generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(EVAL_SEED + rank)
     for i in ddp.progress(iterable=range(0, len(entries), batch), desc="eval"):
         chunk = entries[i:i + batch]
-        prompts = [encode_prompt(tok, e["question"]) for e in chunk]
+        prompts = [R.encode_prompt(tok, e["question"]) for e in chunk]
         completions, truncated = generate(model, prompts, 1, max_new_tokens, 0.0, 1.0, tok.eos_token_id)  # greedy
         sampled = generate(model, prompts, samples, max_new_tokens, temperature, top_p, tok.eos_token_id,
                            generator)[0] if samples else []
@@ -657,45 +647,13 @@ def evaluate(model, tok, entries: list[dict], score_fn, max_new_tokens: int, sam
                 texts = [tok.decode(s, skip_special_tokens=True) for s in sampled[j * samples:(j + 1) * samples]]
                 rows[-1]["sampled_correct"] = sum(R.score_completion(t, e, score_fn)["correct"] for t in texts)
     rows = ddp.gather(rows)
-    n, answers = len(rows), [str(e["answer"]) for e in all_entries]
-    metrics = {**report.rate("eval_accuracy", [r["correct"] for r in rows]),
-               "eval_format_rate": sum(r["format"] for r in rows) / n,
-               "eval_len_mean": sum(r["length"] for r in rows) / n,
-               "eval_truncated_rate": sum(r["truncated"] for r in rows) / n,
-               "eval_majority_rate": max(answers.count(a) for a in set(answers)) / n}
-    right = [r for r in rows if r["correct"]]
-    if right and any(r["work_lines"] for r in rows):  # the task's answers show checkable arithmetic
-        metrics["eval_faithful_rate"] = sum(r["work_holds"] for r in right) / len(right)
-    if samples:
-        k = [r["sampled_correct"] for r in rows]
-        metrics.update(eval_samples=samples, **report.rate("eval_mean_at_k", [c / samples for c in k]),
-                       **report.rate("eval_pass_at_k", [c > 0 for c in k]),
-                       eval_mixed_rate=sum(0 < c < samples for c in k) / n)
-    sources = sorted({r["source"] for r in rows})
-    for src in sources if len(sources) > 1 else []:  # a mix of tasks: accuracy on each
-        mine = [r for r in rows if r["source"] == src]
-        metrics[f"eval_accuracy/{src}"] = sum(r["correct"] for r in mine) / len(mine)
-    return metrics, rows
+    return report.eval_metrics(rows, [str(e["answer"]) for e in all_entries], samples), rows
 
 
 def buffer_stats(buffer: list[dict]) -> dict:
-    """Reward and completion statistics of the step's samples, over all processes. Beside the means: completion
-    lengths of right and of wrong answers (a shortcut shows as right answers getting shorter), and partial credit,
-    the share of samples whose task score lies strictly between 0 and 1 (a guess containing the answer)."""
-    keys = ("reward", "correct", "format", "truncated", "length_reward", "overlong", "difficulty_bonus")
-    rows = ddp.gather([[float(s[k]) for k in keys] + [s["advantage"] == 0, len(s["completion"]), 0 < s["score"] < 1,
-                                                      s["correctness"] if 0 < s["score"] < 1 else 0.0, s["correctness"]]
-                       for s in buffer])
-    t = torch.tensor(rows, dtype=torch.float64)  # (n, 12)
-    m = t.mean(0).tolist()
-    right = t[:, 1] == 1
-    mean_or_nan = lambda x: x.mean().item() if len(x) else float("nan")
-    return {"reward_mean": m[0], "reward_std": t[:, 0].std().item(), "correct_rate": m[1], "format_rate": m[2],
-            "truncated_rate": m[3], "length_reward_mean": m[4], "overlong_mean": m[5], "difficulty_bonus_mean": m[6],
-            "zero_adv_rate": m[7], "completion_len_mean": m[8], "len_right_mean": mean_or_nan(t[right, 8]),
-            "len_wrong_mean": mean_or_nan(t[~right, 8]), "partial_credit_rate": m[9],
-            "partial_credit_share": m[10] / m[11] if m[11] else 0.0,  # of the correctness reward paid out
-            "n_samples": len(rows), "n_tokens": int(t[:, 8].sum())}
+    """Reward and completion statistics of the step's samples, over all processes (report.sample_stats)."""
+    return report.sample_stats(ddp.gather([{**{k: s[k] for k in report.SAMPLE_STATS}, "length": len(s["completion"])}
+                                           for s in buffer]))
 
 
 def eval_step(model, tok, eval_entries, score_fn, cfg: Config, step: int, eval_start, run: rundir.Run) -> tuple:
@@ -732,7 +690,7 @@ def main(cfg: Config):
     if device == "cpu":
         keep_freed_memory()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    check_context(model, [encode_prompt(tok, e["question"]) for e in eval_entries], cfg.max_new_tokens)
+    check_context(model, [R.encode_prompt(tok, e["question"]) for e in eval_entries], cfg.max_new_tokens)
     apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
     params = [p for p in model.parameters() if p.requires_grad]
     print(f"trainable: {sum(p.numel() for p in params) / 1e6:.2f}M params "

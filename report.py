@@ -28,6 +28,58 @@ def paired_gain(before: list[bool], after: list[bool]) -> dict:
     return {**rate("eval_gain", d), "eval_gain_up": up, "eval_gain_down": down, "eval_gain_p": min(1.0, 2 * tail)}
 
 
+def eval_metrics(rows: list[dict], answers: list[str], samples: int = 0) -> dict:
+    """An eval's numbers from its rows (one per question: the greedy answer's correct, format, length, truncated,
+    work_lines, work_holds, source; with samples = K > 0 also sampled_correct, how many of K were right); answers:
+    the reference answers, for the rate of always giving the most common one."""
+    n = len(rows)
+    metrics = {**rate("eval_accuracy", [r["correct"] for r in rows]),
+               "eval_format_rate": sum(r["format"] for r in rows) / n,
+               "eval_len_mean": sum(r["length"] for r in rows) / n,
+               "eval_truncated_rate": sum(r["truncated"] for r in rows) / n,
+               "eval_majority_rate": max(answers.count(a) for a in set(answers)) / n}
+    right = [r for r in rows if r["correct"]]
+    if right and any(r["work_lines"] for r in rows):  # the task's answers show checkable arithmetic
+        metrics["eval_faithful_rate"] = sum(r["work_holds"] for r in right) / len(right)
+    if samples:
+        k = [r["sampled_correct"] for r in rows]
+        metrics.update(eval_samples=samples, **rate("eval_mean_at_k", [c / samples for c in k]),
+                       **rate("eval_pass_at_k", [c > 0 for c in k]),
+                       eval_mixed_rate=sum(0 < c < samples for c in k) / n)
+    sources = sorted({r["source"] for r in rows})
+    for src in sources if len(sources) > 1 else []:  # a mix of tasks: accuracy on each
+        mine = [r for r in rows if r["source"] == src]
+        metrics[f"eval_accuracy/{src}"] = sum(r["correct"] for r in mine) / len(mine)
+    return metrics
+
+
+SAMPLE_STATS = ("reward", "correct", "format", "truncated", "length_reward", "overlong", "difficulty_bonus",
+                "advantage", "score", "correctness")
+
+
+def sample_stats(samples: list[dict]) -> dict:
+    """A step's numbers from its samples (each: SAMPLE_STATS and the completion's length). Beside the means:
+    completion lengths of right and of wrong answers (a shortcut shows as right answers getting shorter), and
+    partial credit: the share of samples whose task score lies strictly between 0 and 1 (a guess that contains the
+    answer), and its share of the correctness reward paid out."""
+    n = len(samples)
+    mean = lambda key, rows=samples: sum(float(r[key]) for r in rows) / len(rows) if rows else math.nan
+    right, wrong = [r for r in samples if r["correct"]], [r for r in samples if not r["correct"]]
+    partial = [r for r in samples if 0 < r["score"] < 1]
+    paid = sum(r["correctness"] for r in samples)
+    reward_mean = mean("reward")
+    return {"reward_mean": reward_mean,
+            "reward_std": math.sqrt(sum((r["reward"] - reward_mean) ** 2 for r in samples) / (n - 1)) if n > 1 else 0.0,
+            "correct_rate": mean("correct"), "format_rate": mean("format"), "truncated_rate": mean("truncated"),
+            "length_reward_mean": mean("length_reward"), "overlong_mean": mean("overlong"),
+            "difficulty_bonus_mean": mean("difficulty_bonus"),
+            "zero_adv_rate": sum(r["advantage"] == 0 for r in samples) / n,
+            "completion_len_mean": mean("length"), "len_right_mean": mean("length", right),
+            "len_wrong_mean": mean("length", wrong), "partial_credit_rate": len(partial) / n,
+            "partial_credit_share": sum(r["correctness"] for r in partial) / paid if paid else 0.0,
+            "n_samples": n, "n_tokens": sum(r["length"] for r in samples)}
+
+
 def eval_line(m: dict) -> str:
     """The eval's one line: every accuracy with its standard error, next to what a constant answer scores."""
     line = (f"eval: accuracy {m['eval_accuracy']:.3f} ± {m['eval_accuracy_se']:.3f} (always answering the most common "

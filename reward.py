@@ -1,6 +1,6 @@
 """Reward functions for GRPO on reasoning-gym tasks.
 
-The policy is asked to write
+The policy is asked (SYSTEM_PROMPT, encode_prompt) to write
 
     <think> ...reasoning... </think>
     <answer> ...final answer... </answer>
@@ -24,6 +24,19 @@ import math
 import operator
 import re
 from typing import Callable
+
+SYSTEM_PROMPT = (
+    "You are a helpful assistant. You first think about the reasoning process and then give the answer. "
+    "The reasoning is enclosed in <think> </think> tags and the answer in <answer> </answer> tags, i.e. "
+    "<think> reasoning here </think> <answer> answer here </answer>.")
+
+
+def encode_prompt(tok, question: str) -> list[int]:
+    """The prompt's token ids: the system prompt that asks for the format, the question, the chat template."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tok(text, add_special_tokens=False).input_ids
+
 
 ScoreFn = Callable[[str, dict], float]
 

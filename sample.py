@@ -95,7 +95,7 @@ def main(args: SampleConfig):
     else:
         task, entries = T.held_out(args.task or cfg.task, args.n, grpo.EVAL_SEED)
         score = task.score_answer
-    prompts = [grpo.encode_prompt(tok, e["question"]) for e in entries]
+    prompts = [R.encode_prompt(tok, e["question"]) for e in entries]
     completions, _ = grpo.generate(model, prompts, 1, args.max_new_tokens, args.temperature, 1.0, tok.eos_token_id,
                                    torch.Generator(device=model.lm_head.weight.device).manual_seed(0))
     for e, c in zip(entries, completions):

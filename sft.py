@@ -183,7 +183,7 @@ def self_examples(model, tok, entries: list[dict], cfg: SFTConfig, score_fn) -> 
     kept, generator = [], torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     for i in tqdm(range(0, len(entries), 8), desc="self-teacher", dynamic_ncols=True):
         chunk = entries[i:i + 8]
-        prompts = [grpo.encode_prompt(tok, TEACHER_PROMPT.format(question=e["question"], answer=e["answer"]))
+        prompts = [R.encode_prompt(tok, TEACHER_PROMPT.format(question=e["question"], answer=e["answer"]))
                    for e in chunk]
         completions, _ = grpo.generate(model, prompts, cfg.self_samples, 200, 0.7, 0.95, tok.eos_token_id, generator)
         for j, e in enumerate(chunk):
@@ -223,7 +223,7 @@ def teacher_examples(entries: list[dict], cfg: SFTConfig, cache_path: str) -> li
 
     def ask(entry):
         body = {"model": cfg.teacher_model, "temperature": 0.7, "messages": [
-            {"role": "system", "content": grpo.SYSTEM_PROMPT},
+            {"role": "system", "content": R.SYSTEM_PROMPT},
             {"role": "user", "content": TEACHER_PROMPT.format(question=entry["question"], answer=entry["answer"])}]}
         reply = post_json(cfg.teacher.rstrip("/") + "/chat/completions", body, headers)
         ex = example(entry, reply["choices"][0]["message"]["content"].strip())
@@ -272,7 +272,7 @@ def verified(examples: list[dict], score_fn) -> list[dict]:
 
 def to_sample(tok, ex: dict) -> dict:
     response = tok(ex["response"], add_special_tokens=False).input_ids + [tok.eos_token_id]
-    return {"prompt": grpo.encode_prompt(tok, ex["question"]), "completion": response}
+    return {"prompt": R.encode_prompt(tok, ex["question"]), "completion": response}
 
 
 def sft_loss(model, samples: list[dict], weights: torch.Tensor, pad_id: int, device) -> torch.Tensor:

@@ -588,7 +588,7 @@ def test_buffer_stats_split_lengths_by_verdict_and_count_partial_credit():
     assert (stats["len_right_mean"], stats["len_wrong_mean"]) == (40, 80)
     assert stats["partial_credit_rate"] == 0.5  # two of four scored strictly between 0 and 1
     assert stats["partial_credit_share"] == pytest.approx(0.5 / 1.5)  # of the correctness paid out
-    assert math.isnan(grpo.buffer_stats([sample(False, 10, 0.0, 0.0)] * 2)["len_right_mean"])
+    assert math.isnan(grpo.buffer_stats([sample(False, 10, 0.0, 0.0)])["len_right_mean"])
 
 
 class WordTokenizer:

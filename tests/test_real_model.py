@@ -9,6 +9,7 @@ import torch
 
 import grpo
 import rundir
+import reward as R
 import model as M
 import weights
 from conftest import logits
@@ -24,14 +25,14 @@ def test_our_model_gives_the_logits_of_transformers_on_the_real_model(real_model
     from transformers import AutoModelForCausalLM
     model, tok = real_model
     hf = AutoModelForCausalLM.from_pretrained(weights.resolve("SmolLM-135M")[0], dtype=torch.float32)
-    ids = torch.tensor([grpo.encode_prompt(tok, q) for q in QUESTIONS[:1]])
+    ids = torch.tensor([R.encode_prompt(tok, q) for q in QUESTIONS[:1]])
     with torch.no_grad():
         assert torch.allclose(logits(model, ids), hf(ids).logits, atol=1e-4)
 
 
 def test_greedy_sampler_matches_generate_on_the_real_model(real_model):
     model, tok = real_model
-    prompts = [grpo.encode_prompt(tok, q) for q in QUESTIONS]
+    prompts = [R.encode_prompt(tok, q) for q in QUESTIONS]
     ours, truncated = grpo.generate(model, prompts, 1, 40, 0.0, 1.0, tok.eos_token_id)
     ids, mask = grpo.left_pad(prompts, tok.eos_token_id, "cpu")
     out = M.to_hf(model).generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
@@ -44,7 +45,7 @@ def test_greedy_sampler_matches_generate_on_the_real_model(real_model):
 
 def test_greedy_sampler_matches_full_recompute_on_the_real_model(real_model):
     model, tok = real_model
-    prompt = grpo.encode_prompt(tok, QUESTIONS[2])
+    prompt = R.encode_prompt(tok, QUESTIONS[2])
     (ours,), _ = grpo.generate(model, [prompt], 1, 24, 0.0, 1.0, tok.eos_token_id)
     seq = list(prompt)
     with torch.no_grad():

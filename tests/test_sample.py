@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import grpo
+import reward as R
 import rundir
 import sample
 import weights
@@ -35,7 +36,7 @@ def trained_ckpt(tiny_model_dir, tmp_path):
 
 def test_merged_export_gives_the_logits_of_base_plus_adapter(trained_ckpt, tmp_path):
     model, tok, cfg = sample.load(trained_ckpt, dtype="float32")
-    ids = torch.tensor([grpo.encode_prompt(tok, "Is 7 prime?")])
+    ids = torch.tensor([R.encode_prompt(tok, "Is 7 prime?")])
     with torch.no_grad():
         adapted = logits(model, ids)
         with grpo.lora_disabled(model):
@@ -65,7 +66,7 @@ def test_sample_answers_held_out_questions_with_reward_parts(trained_ckpt):
 def test_peft_loads_the_exported_adapter(trained_ckpt, tmp_path):
     peft = pytest.importorskip("peft")  # not a dependency of the project: checked where it is installed
     model, tok, cfg = sample.load(trained_ckpt, dtype="float32")
-    ids = torch.tensor([grpo.encode_prompt(tok, "Is 7 prime?")])
+    ids = torch.tensor([R.encode_prompt(tok, "Is 7 prime?")])
     with torch.no_grad():
         adapted = logits(model, ids)
     sample.export_peft_adapter(model, cfg, cfg.model, str(tmp_path / "adapter"))
