@@ -120,10 +120,11 @@ class Config:
     max_steps: int = opt(100, "training steps (one step = fill the buffer, then update)", at_least=0)
     eval_interval: int = opt(10, "evaluate every this many steps (0: only before and after training)", at_least=0)
     eval_size: int = opt(500, "held-out questions (distinct, never trained on) in each eval", at_least=1)
+    eval_seed: int = opt(EVAL_SEED, "seed of the held-out set (another: questions no choice was tuned on)", at_least=0)
     eval_samples: int = opt(0, "also sample this many answers per eval question (at --temperature): mean@k, pass@k, "
                                "and the share of questions whose answers disagree (0: greedy only)", at_least=0)
     save_interval: int = opt(1, "write ckpt.pt every this many steps (and at the end, on SIGTERM, Ctrl-C)", at_least=1)
-    eval_only: bool = opt(False, "evaluate and exit")
+    eval_only: bool = opt(False, "evaluate, write every answer to samples.jsonl (python report.py pairs two), exit")
     resume: bool = opt(False, "continue the run in out_dir from its ckpt.pt")
     overwrite: bool = opt(False, "start anew in an out_dir that holds a run (which is moved aside, not deleted)")
     init_from: str = opt("", "start from this checkpoint's weights (an sft.py or grpo.py ckpt.pt)")
@@ -664,7 +665,7 @@ def eval_step(model, tok, eval_entries, score_fn, cfg: Config, step: int, eval_s
     if eval_start and step > 0:
         metrics.update(report.paired_gain(eval_start, verdicts))
     print(report.eval_line(metrics), flush=True)
-    run.samples([{"step": step, "split": "eval", **r} for r in rows[:8]])
+    run.samples([{"step": step, "split": "eval", **r} for r in (rows if cfg.eval_only else rows[:8])])
     return metrics, verdicts
 
 
@@ -683,7 +684,7 @@ def main(cfg: Config):
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)  # each process samples differently
     train_set = T.make_task(cfg.task, 10**8, cfg.seed)
-    eval_set, eval_entries = T.held_out(cfg.eval_task or cfg.task, cfg.eval_size, EVAL_SEED)
+    eval_set, eval_entries = T.held_out(cfg.eval_task or cfg.task, cfg.eval_size, cfg.eval_seed)
     questions = T.Questions(train_set, held_out={e["question"] for e in eval_entries})  # never an eval question
     pool = T.Pool(cfg.pool_size, cfg.retire_after) if cfg.pool_size else None
     model, tok = weights.load(cfg.model, device, dtype, why)

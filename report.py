@@ -1,9 +1,13 @@
 """
 report.py: what a run reports. Accuracies over held-out questions with their standard errors, the paired gain of
 one eval over another on the same questions (with McNemar's test), the eval's one line, and curves.png.
+
+    python report.py BEFORE AFTER     # two `grpo.py --eval_only` out_dirs: the paired gain of AFTER over BEFORE
 """
+import json
 import math
 import os
+import sys
 
 NO_FORMAT = ("a model that never writes the tags gives GRPO nothing to learn from (every reward the same): warm it up "
              "first with python sft.py, then --init_from out-sft/ckpt.pt")
@@ -171,3 +175,25 @@ def write_plot(out_dir: str, log: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "curves.png"), dpi=80)
     plt.close(fig)
+
+
+def eval_verdicts(out_dir: str) -> dict:
+    """question -> greedy verdict, from the samples.jsonl of a `grpo.py --eval_only` run."""
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "samples.jsonl"))]
+    return {r["question"]: r["correct"] for r in rows if r.get("split") == "eval"}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python report.py BEFORE AFTER  (two grpo.py --eval_only out_dirs)")
+    before, after = (eval_verdicts(d) for d in sys.argv[1:])
+    if set(before) != set(after):
+        sys.exit("error: the two evals asked different questions: evaluate both with the same --task, --eval_size "
+                 "and --eval_seed")
+    questions = sorted(before)
+    m = {**rate("eval_accuracy", [after[q] for q in questions]),
+         **paired_gain([before[q] for q in questions], [after[q] for q in questions])}
+    print(f"{len(questions)} questions: {rate('a', [before[q] for q in questions])['a']:.3f} -> "
+          f"{m['eval_accuracy']:.3f} ± {m['eval_accuracy_se']:.3f}, {100 * m['eval_gain']:+.1f} ± "
+          f"{100 * m['eval_gain_se']:.1f} points (paired, {m['eval_gain_up']} right now / {m['eval_gain_down']} "
+          f"wrong now; McNemar p {m['eval_gain_p']:.2g})")

@@ -102,6 +102,26 @@ def test_eval_only_from_a_checkpoint_reports_the_same_accuracy(tiny_model_dir, t
     (row,) = read_log(ev)
     for k in ("eval_accuracy", "eval_format_rate", "eval_len_mean"):
         assert row[k] == final[k]
+    answers = [json.loads(line) for line in open(ev / "samples.jsonl")]
+    assert len(answers) == 4 and {a["split"] for a in answers} == {"eval"}  # every answer, for pairing
+    other = tmp_path / "other"
+    grpo.main(small_config(tiny_model_dir, other, eval_only=True, eval_seed=7, init_from=str(out / "ckpt.pt")))
+    assert {a["question"] for a in map(json.loads, open(other / "samples.jsonl"))} != {a["question"] for a in answers}
+
+
+def test_report_pairs_two_eval_only_runs_on_their_questions(tmp_path):
+    def eval_dir(name, verdicts):
+        (tmp_path / name).mkdir()
+        rows = [{"split": "eval", "question": f"q{i}", "correct": v} for i, v in enumerate(verdicts)]
+        (tmp_path / name / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
+        return str(tmp_path / name)
+
+    before, after = eval_dir("before", [0, 0, 1, 1, 0]), eval_dir("after", [1, 1, 1, 0, 0])
+    r = subprocess.run([sys.executable, "report.py", before, after], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "5 questions: 0.400 -> 0.600" in r.stdout and "2 right now / 1 wrong now" in r.stdout
+    r = subprocess.run([sys.executable, "report.py", before, eval_dir("fewer", [1, 1])], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and "asked different questions" in r.stderr
 
 
 def test_eval_samples_log_mean_pass_and_mixed_rate_and_leave_training_untouched(tiny_model_dir, tmp_path):
