@@ -6,12 +6,29 @@ which values make sense (at_least, above, at_most, below, choices), and parse_co
 and every NaN or infinite float, before any work starts. Functions that meet input the user has to fix call
 fail(message); run() prints that message as one line and exits with code 2: the user has something to fix, not a
 bug to report.
+
+`--config FILE` (grpo.py and sft.py) reads a recipe: one TOML file per experiment (recipes/), its top-level keys
+shared by both programs (the task, the model, the seed: written once), then a section per program:
+
+    task = "simple_equations"       # every program that reads the file
+    [sft]
+    epochs = 1
+    [grpo]
+    learning_rate = 1e-4
+
+Flags given on the command line override the file. TOML because Python reads it without a dependency (tomllib)
+and its values are typed: 1e-4 is a float, "1e-4" a string.
 """
 import argparse
 import dataclasses
+import json
 import math
+import os
 import sys
+import tomllib
 from dataclasses import field
+
+PROGRAMS = ("sft", "grpo")  # the sections a recipe may have
 
 
 class BadInput(Exception):
@@ -40,28 +57,83 @@ def check_value(name: str, value, meta: dict) -> None:
         fail(f"--{name} {value}: choose {', '.join(map(str, meta['choices']))}")
 
 
-def parse_config(cls, argv=None, doc: str = ""):
-    """The dataclass `cls` filled from the command line, every value checked against its field's metadata."""
+def field_type(f) -> type:
+    return {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)
+
+
+def read_recipe(path: str, cls, program: str) -> dict:
+    """The values a recipe file gives `program`: its top-level keys and those of its own section, each checked as
+    its flag would be; the errors name the file and the key."""
+    if not os.path.isfile(path):
+        fail(f"--config {path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            recipe = tomllib.load(f)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        fail(f"--config {path}: not valid TOML ({e})")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    sections = [k for k, v in recipe.items() if isinstance(v, dict)]
+    for section in sections:
+        if section not in PROGRAMS:
+            fail(f"{path}: unknown section [{section}]; a recipe has top-level keys and [{'], ['.join(PROGRAMS)}]")
+    shared = [("", k, v) for k, v in recipe.items() if k not in sections]
+    values = {}
+    for where, key, value in shared + [(f"[{program}] ", k, v) for k, v in recipe.get(program, {}).items()]:
+        if key not in fields:
+            hint = f": put it under the section of the program that has it" if not where else ""
+            fail(f"{path}: {where}{key} is not a flag of {program}.py{hint} ({program}.py --help lists them)")
+        typ = field_type(fields[key])
+        if typ is float and type(value) is int:
+            value = float(value)
+        if type(value) is not typ:
+            fail(f"{path}: {where}{key} = {json.dumps(value)}: must be {typ.__name__} "
+                 f"(like its default, {json.dumps(fields[key].default)})")
+        try:
+            check_value(key, value, fields[key].metadata)
+        except BadInput as e:
+            fail(f"{path}: {where}{e}")
+        values[key] = value
+    return values
+
+
+def to_toml(cfg, program: str) -> str:
+    """cfg as a recipe of one section, which --config reads back to the same values (the resolved configuration a
+    run keeps in its out_dir)."""
+    lines = [f"[{program}]"] + [f"{k} = {json.dumps(v)}" for k, v in dataclasses.asdict(cfg).items()]
+    return "\n".join(lines) + "\n"
+
+
+def parse_config(cls, argv=None, doc: str = "", program: str | None = None):
+    """The dataclass `cls` filled from the command line, every value checked against its field's metadata.
+    program: the section of a --config recipe this program reads (None: no --config)."""
     p = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = lambda msg: fail(f"{msg} (--help lists every flag; a negative value is written --flag=-1e-5)")
+    if program:
+        p.add_argument("--config", default="", help=f"a recipe (TOML): its top-level keys and its [{program}] "
+                                                    f"section set flags; the command line overrides them")
     for f in dataclasses.fields(cls):
         help = f.metadata["help"].replace("%", "%%")
         if f.type is bool or f.type == "bool":
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help)
         else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(f"--{f.name}", type=typ, default=f.default, help=help)
-    cfg = cls(**vars(p.parse_args(argv)))
+            p.add_argument(f"--{f.name}", type=field_type(f), default=f.default, help=help)
+    if program:
+        known, _ = p.parse_known_args(argv)
+        if known.config:
+            p.set_defaults(**read_recipe(known.config, cls, program))
+    args = vars(p.parse_args(argv))
+    args.pop("config", None)
+    cfg = cls(**args)
     for f in dataclasses.fields(cls):
         check_value(f.name, getattr(cfg, f.name), f.metadata)
     return cfg
 
 
-def run(main, cls, doc: str = "") -> None:
+def run(main, cls, doc: str = "", program: str | None = None) -> None:
     """main(config parsed from the command line), with bad input reported as one line on stderr and exit code 2."""
     try:
-        main(parse_config(cls, doc=doc))
+        main(parse_config(cls, doc=doc, program=program))
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

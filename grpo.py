@@ -68,7 +68,8 @@ EVAL_SEED = 10**9  # the held-out questions: a seed far from any training seed, 
 class Config:
     # model and data
     model: str = opt("SmolLM-135M", "HF hub id or local path; SmolLM-135M = SmolLM2-135M-Instruct, bundled offline")
-    task: str = opt("syllogism", "reasoning-gym task (name:key=value settings, a,b@weight mixes) or a .jsonl file")
+    task: str = opt("syllogism:invalid_ratio=0.5", "reasoning-gym task (name:key=value settings, a,b@weight "
+                    "mixes) or a .jsonl file; the default, sft.py's too, is as often valid as not")
     eval_task: str = opt("", "evaluate on this task instead (same syntax as --task): does the skill carry over?")
     out_dir: str = opt("out", "where log.jsonl, samples.jsonl, ckpt.pt and curves.png go")
     device: str = opt("auto", "cpu, cuda, or auto (cuda if available)", choices=("auto", "cpu", "cuda"))
@@ -701,9 +702,12 @@ def main(cfg: Config):
     if ckpt:
         rundir.load_weights(model, ckpt)
         print(f"initialised from {cfg.init_from}" if cfg.init_from else f"resumed from {run.ckpt_path}")
+    if cfg.init_from and ckpt["config"].get("task", cfg.task) != cfg.task:  # a transfer may be meant: go on
+        print(f"note: {cfg.init_from} was trained on --task {ckpt['config']['task']}, this run on --task {cfg.task}")
     if cfg.resume:
         step, eval_start = rundir.restore(ckpt, optimizer, questions, pool, generator, rank)
 
+    run.save_config(flags.to_toml(cfg, "grpo"))
     if cfg.eval_only or step == 0:
         metrics, eval_start = eval_step(model, tok, eval_entries, eval_set.score_answer, cfg, step, None, run)
         run.log({"step": step, **metrics})
@@ -741,6 +745,6 @@ def main(cfg: Config):
 
 if __name__ == "__main__":
     try:
-        flags.run(main, Config, __doc__)
+        flags.run(main, Config, __doc__, program="grpo")
     finally:
         ddp.leave()

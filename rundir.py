@@ -133,6 +133,15 @@ class Run:
                     os.replace(path + ".tmp", path)
         return kept
 
+    def save_config(self, text: str) -> None:
+        """The resolved configuration (flags.to_toml): --config repeats the run from it."""
+        if self.write:
+            path = os.path.join(self.out_dir, "config.toml")
+            with writing(path):
+                os.makedirs(self.out_dir, exist_ok=True)
+                with open(path, "w") as f:
+                    f.write(text)
+
     def log(self, row: dict) -> None:
         self.rows.append(row)
         if self.write:

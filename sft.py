@@ -329,6 +329,8 @@ def main(cfg: SFTConfig):
     if device == "cpu":
         keep_freed_memory()
     os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "config.toml"), "w") as f:  # --config repeats the run from it
+        f.write(flags.to_toml(cfg, "sft"))
     examples_path = os.path.join(cfg.out_dir, "examples.jsonl")
 
     entries, i = [], 0
@@ -375,4 +377,4 @@ def main(cfg: SFTConfig):
 
 
 if __name__ == "__main__":
-    flags.run(main, SFTConfig, __doc__)
+    flags.run(main, SFTConfig, __doc__, program="sft")

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import flags
 import grpo
 import report
 import tasks as T
@@ -23,7 +24,7 @@ def test_help_lists_every_config_field_with_its_default():
     out = " ".join(run_cli("--help").stdout.split())  # undo line wrapping
     for f in dataclasses.fields(grpo.Config):
         assert f"--{f.name}" in out
-    assert "(default: 300)" in out and "(default: syllogism)" in out
+    assert "(default: 300)" in out and "(default: syllogism:invalid_ratio=0.5)" in out and "--config CONFIG" in out
 
 
 def expect_usage_error(args, tmp_path) -> str:
@@ -57,7 +58,7 @@ def test_task_settings_reach_reasoning_gym():
 
 
 def small_config(model_dir, out_dir, **kw):
-    small = dict(model=model_dir, out_dir=str(out_dir), max_new_tokens=8, exploration_batchsize=2, G=2, buffer_size=4,
+    small = dict(model=model_dir, out_dir=str(out_dir), task="syllogism", max_new_tokens=8, exploration_batchsize=2, G=2, buffer_size=4,
                  batch_size=2, gradient_accumulation_steps=2, eval_size=4, eval_interval=1, lora_r=4, lora_alpha=8.0,
                  dtype="float32")  # auto would pick bf16 on some CPUs: the tests pin the dtype they check
     return dataclasses.replace(grpo.Config(), **{**small, **kw})
@@ -77,6 +78,8 @@ def test_a_training_run_logs_every_step_checkpoints_and_resumes(tiny_model_dir, 
     assert keys <= set(log[1]) and keys <= set(log[2])
     assert "eval_accuracy" in log[0] and "eval_majority_rate" in log[0]
     assert (out / "samples.jsonl").stat().st_size > 0 and (out / "curves.png").exists()
+    resolved = flags.parse_config(grpo.Config, ["--config", str(out / "config.toml")], program="grpo")
+    assert resolved == small_config(tiny_model_dir, out, max_steps=2)  # the run can be repeated from its folder
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == 2 and all("lora_" in k for k in ckpt["model"])
     # --resume continues at step 3 with the same weights, log and data position
@@ -160,3 +163,12 @@ def test_a_second_warmup_never_overwrites_the_first(tmp_path):
     assert r.returncode == 2 and "holds a run already" in r.stderr and "--overwrite" in r.stderr
     assert (tmp_path / "sft" / "ckpt.pt").read_bytes() == b"a finished warmup"
     assert sft.SFTConfig.__dataclass_fields__["overwrite"].default is False
+
+
+def test_init_from_a_checkpoint_of_another_task_says_so_and_goes_on(tiny_model_dir, tmp_path, capsys):
+    grpo.main(small_config(tiny_model_dir, tmp_path / "warm", max_steps=1))
+    grpo.main(small_config(tiny_model_dir, tmp_path / "rl", task="chain_sum", eval_only=True,
+                           init_from=str(tmp_path / "warm" / "ckpt.pt")))
+    note = f"note: {tmp_path / 'warm' / 'ckpt.pt'} was trained on --task syllogism, this run on " \
+           f"--task chain_sum"
+    assert note in capsys.readouterr().out and read_log(tmp_path / "rl")

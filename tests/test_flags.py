@@ -1,6 +1,7 @@
 """Every flag of every program: a bad value is one line on stderr and exit code 2, before anything is written.
 The programs run in-process through flags.run (the code path of `python prog.py`); test_cli runs a few as real
 commands."""
+import dataclasses
 import os
 import sys
 
@@ -11,6 +12,8 @@ import flags
 import grpo
 import sample
 import sft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BAD_GRPO = [
     (["--G", "1"], "--G 1: must be at least 2"),
@@ -108,7 +111,7 @@ def run_bad(program, cls, argv, tmp_path, tiny_model_dir, monkeypatch, capsys) -
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["prog", *argv, *out])
     with pytest.raises(SystemExit) as e:
-        flags.run(program, cls, "")
+        flags.run(program, cls, "", program={grpo.main: "grpo", sft.main: "sft"}.get(program))  # as __main__ does
     err = capsys.readouterr().err
     assert e.value.code == 2, err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
@@ -141,3 +144,69 @@ def test_a_setting_whose_value_is_a_json_list_reaches_reasoning_gym():
     task = T.make_task("aiw:task_type_weights=[1.0,0,0]@2,syllogism", 50, 0)
     assert {T.source(e) for e in task} == {"aiw", "syllogism"}
     assert {e["metadata"]["task_type"] for e in task if T.source(e) == "aiw"} == {"siblings"}
+
+
+# --- recipes: --config FILE -----------------------------------------------------------------------------------
+
+BAD_RECIPES = [
+    ('lerning_rate = 1e-4', "recipe.toml: lerning_rate is not a flag of grpo.py"),
+    ('[grpo]\nlerning_rate = 1e-4', "recipe.toml: [grpo] lerning_rate is not a flag of grpo.py"),
+    ('epochs = 2', "recipe.toml: epochs is not a flag of grpo.py: put it under the section"),
+    ('[grpo]\nlearning_rate = "1e-4"', 'recipe.toml: [grpo] learning_rate = "1e-4": must be float'),
+    ('[grpo]\nG = 6.0', "recipe.toml: [grpo] G = 6.0: must be int"),
+    ('[grpo]\nG = true', "recipe.toml: [grpo] G = true: must be int"),
+    ('[grpo]\nG = 1', "recipe.toml: [grpo] --G 1: must be at least 2"),
+    ('[grpo]\nloss_agg = "mean"', "recipe.toml: [grpo] --loss_agg mean: choose seq, token, dr_grpo"),
+    ('[grpo]\nlearning_rate = nan', "recipe.toml: [grpo] --learning_rate nan: must be a finite number"),
+    ('[grpo]\ntask = ["syllogism"]', "must be str"),
+    ('[rl]\nG = 6', "recipe.toml: unknown section [rl]"),
+    ('[grpo\nG = 6', "--config {recipe}: not valid TOML"),
+    ('G = = 6', "not valid TOML"),
+    (None, "--config {recipe}: no such file"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_RECIPES, ids=[str(t) for t, _ in BAD_RECIPES])
+def test_a_bad_recipe_is_one_line_naming_the_file_and_key(text, message, tmp_path_factory, tmp_path, tiny_model_dir,
+                                                          monkeypatch, capsys):
+    recipe = tmp_path_factory.mktemp("recipes") / "recipe.toml"
+    if text is not None:
+        recipe.write_text(text + "\n")
+    err = run_bad(grpo.main, grpo.Config, ["--config", str(recipe)], tmp_path, tiny_model_dir, monkeypatch, capsys)
+    assert message.replace("{recipe}", str(recipe)) in err
+
+
+def test_a_recipe_sets_flags_and_the_command_line_overrides_it(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('task = "chain_sum"\nseed = 3\n[sft]\nepochs = 1\n[grpo]\nlearning_rate = 1\nG = 4\n')
+    cfg = flags.parse_config(grpo.Config, ["--config", str(recipe), "--G", "8"], program="grpo")
+    assert (cfg.task, cfg.seed, cfg.learning_rate, cfg.G) == ("chain_sum", 3, 1.0, 8)  # an int where a float goes
+    assert cfg.max_steps == grpo.Config().max_steps  # what the recipe leaves out keeps its default
+    warm = flags.parse_config(sft.SFTConfig, ["--config", str(recipe)], program="sft")
+    assert (warm.task, warm.seed, warm.epochs) == ("chain_sum", 3, 1)  # the shared keys, written once
+
+
+def test_the_resolved_configuration_reads_back_as_the_same_run(tmp_path):
+    cfg = dataclasses.replace(grpo.Config(), task='aiw:task_type_weights=[1.0,0,0]', learning_rate=3e-5,
+                              dynamic_sampling=True, out_dir='runs/"quoted"')
+    (tmp_path / "config.toml").write_text(flags.to_toml(cfg, "grpo"))
+    assert flags.parse_config(grpo.Config, ["--config", str(tmp_path / "config.toml")], program="grpo") == cfg
+
+
+@pytest.mark.parametrize("recipe", sorted(os.listdir(os.path.join(ROOT, "recipes"))))
+def test_every_recipe_parses_for_both_programs_and_says_what_it_is(recipe):
+    path = os.path.join(ROOT, "recipes", recipe)
+    assert recipe.endswith(".toml") and open(path).read().startswith("# ")  # opens with what it is for
+    for cls, program in ((grpo.Config, "grpo"), (sft.SFTConfig, "sft")):
+        flags.parse_config(cls, ["--config", path], program=program)  # every key a flag of its program
+
+
+def test_the_quick_start_recipe_is_the_command_its_results_came_from():
+    path = os.path.join(ROOT, "recipes", "quickstart.toml")
+    task = "simple_equations:min_terms=2:max_terms=2:min_value=1:max_value=10:operators_weights=[0.5,0.5,0]"
+    assert flags.parse_config(grpo.Config, ["--config", path], program="grpo") == flags.parse_config(grpo.Config, [
+        "--init_from", "out-sft/ckpt.pt", "--task", task, "--max_steps", "20", "--eval_interval", "10",
+        "--buffer_size", "96", "--exploration_batchsize", "16", "--gradient_accumulation_steps", "3",
+        "--max_new_tokens", "96", "--temperature", "1.0", "--learning_rate", "1e-4"])
+    assert flags.parse_config(sft.SFTConfig, ["--config", path], program="sft") == flags.parse_config(
+        sft.SFTConfig, ["--task", task, "--n_examples", "128", "--epochs", "1", "--no-eval_before", "--no-eval_after"])
