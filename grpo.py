@@ -2,10 +2,9 @@
 GRPO from scratch: teach a small language model to think before it answers, with reinforcement learning from
 verifiable rewards. One file, read top to bottom; the model is model.py's.
 
-    python sft.py                                     # first, the warmup: the format, from worked examples
-    python grpo.py --init_from out-sft/ckpt.pt        # SmolLM2-135M-Instruct (bundled, offline) + that adapter
-    python grpo.py --eval_only --init_from out/ckpt.pt --eval_samples 6
-    python grpo.py --help                             # every flag, its default and meaning
+    python sft.py --config recipes/quickstart.toml    # first, the warmup: the format, from worked examples
+    python grpo.py --config recipes/quickstart.toml   # then GRPO from that adapter (SmolLM2-135M, offline)
+    python grpo.py --eval_only --init_from out/ckpt.pt --eval_samples 6    # --help: every flag
 
 The model is asked to write `<think> ... </think> <answer> ... </answer>`; reward.py scores the answer with
 reasoning-gym's verifier. One training step:
@@ -28,14 +27,12 @@ reasoning-gym's verifier. One training step:
    mean@K, pass@K and mixed rate of K samples), checkpoint.
 
 Choices worth knowing: old log-probs come from the training forward pass (same code, same minibatches), so on
-the first optimizer step the ratio is exactly 1; the reference model for the KL is the same model with LoRA
-switched off (no second copy); the buffer stores sequences unpadded and pads each minibatch only to its own
-longest sequence; a minibatch runs each of its prompts once and the completions read that prompt's keys and
-values (in the sampler too: a prompt's keys are stored and read once for its G samples, and the prefix all
-prompts share is prefilled once); samples with zero advantage (and no KL term) have no gradient and are not run
-at all; log-probs are computed only at completion positions, in chunks, so no (tokens x vocabulary) tensor for
-the whole batch ever exists; on CPU in fp32, weights that stay fixed for a while (all of them while sampling,
-LoRA's base weights while training) are multiplied in oneDNN's packed layout (packed.py).
+the first optimizer step the ratio is exactly 1; the KL's reference is the model with LoRA switched off (no
+second copy); the buffer stores sequences unpadded, each minibatch padded to its own longest; a prompt runs once
+for all its completions (in the sampler too, where the prefix all prompts share is prefilled once); samples with
+zero advantage (and no KL term) have no gradient and are not run; log-probs are computed only at completion
+positions, in chunks (no tokens x vocabulary tensor); on CPU in fp32, weights that stay fixed for a while are
+multiplied in oneDNN's packed layout (packed.py). A run with nothing to learn from stops (--no_signal_steps).
 """
 import contextlib
 import math
@@ -122,8 +119,8 @@ class Config:
     eval_interval: int = opt(10, "evaluate every this many steps (0: only before and after training)", at_least=0)
     eval_size: int = opt(500, "held-out questions (distinct, never trained on) in each eval", at_least=1)
     eval_seed: int = opt(EVAL_SEED, "seed of the held-out set (another: questions no choice was tuned on)", at_least=0)
-    eval_samples: int = opt(0, "also sample this many answers per eval question (at --temperature): mean@k, pass@k, "
-                               "and the share of questions whose answers disagree (0: greedy only)", at_least=0)
+    eval_samples: int = opt(0, "K sampled answers per eval question too: mean@K, pass@K, mixed rate", at_least=0)
+    no_signal_steps: int = opt(3, "stop after N steps in a row whose advantages were all 0 (0: never)", at_least=0)
     save_interval: int = opt(1, "write ckpt.pt every this many steps (and at the end, on SIGTERM, Ctrl-C)", at_least=1)
     eval_only: bool = opt(False, "evaluate, write every answer to samples.jsonl (python report.py pairs two), exit")
     resume: bool = opt(False, "continue the run in out_dir from its ckpt.pt")
@@ -402,8 +399,7 @@ def rollout(model, tok, entries: list[dict], score_fn, cfg: Config, generator, p
     check_context(model, prompts, cfg.max_new_tokens)
     completions, truncated = generate(model, prompts, cfg.G, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                       tok.eos_token_id, generator)
-    texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
-    lengths = [len(c) for c in completions]
+    texts, lengths = [tok.decode(c, skip_special_tokens=True) for c in completions], [len(c) for c in completions]
     groups = [range(b * cfg.G, (b + 1) * cfg.G) for b in range(len(entries))]  # each entry's rows
     rates = pass_rates or [None] * len(entries)
     parts = [R.score_group([texts[i] for i in rows], [lengths[i] for i in rows], entry, score_fn, cfg, rate)
@@ -713,6 +709,8 @@ def main(cfg: Config):
         run.log({"step": step, **metrics})
         if cfg.eval_only:
             return
+        if report.no_signal(run.rows, cfg.no_signal_steps, cfg.task):  # no well-formed answer: nothing to learn
+            fail(report.no_signal(run.rows, cfg.no_signal_steps, cfg.task))
         print(report.before_training(metrics), end="")
     stop = rundir.StopOnSignal()  # SIGTERM or Ctrl-C: finish the step, checkpoint, exit
     while step < cfg.max_steps:
@@ -735,10 +733,12 @@ def main(cfg: Config):
         run.samples([{"step": step, "split": "train", **{k: s[k] for k in rundir.SAMPLE_KEYS}}
                      for s in sampled[:cfg.G]])  # one question's group: its completions side by side
         # 4) checkpoint; a signal is read by all processes together, after the step
-        stopping = stop.requested()
-        if step % cfg.save_interval == 0 or step == cfg.max_steps or stopping:
+        stopping, stalled = stop.requested(), report.no_signal(run.rows, cfg.no_signal_steps, cfg.task)
+        if step % cfg.save_interval == 0 or step == cfg.max_steps or stopping or stalled:
             run.save_checkpoint(trainable_state_dict(model), optimizer, cfg, step, questions, generator, pool,
                                 eval_start)
+        if stalled:
+            fail(stalled)  # one line, exit 2: the checkpoint and the log stay valid
         if stopping:
             break
 

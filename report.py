@@ -111,6 +111,28 @@ def before_training(m: dict) -> str:
     return ""
 
 
+def no_signal(rows: list[dict], steps: int, task: str) -> str:
+    """Why the run should stop, or '': its step-0 eval (the only row so far) had no well-formed answer, so every
+    reward would be the same; or in each of its last `steps` training steps every group's rewards were equal, so
+    every advantage was 0 and nothing was learned. steps 0: never."""
+    warmup = f"warm up first: python sft.py --task '{task}', then python grpo.py --init_from out-sft/ckpt.pt"
+    if not steps or not rows:
+        return ""
+    if len(rows) == 1 and rows[0].get("eval_format_rate", 1) == 0:
+        return f"no answer of the step-0 eval was well-formed, so every reward would be the same: {warmup}"
+    last = [r for r in rows if "zero_adv_rate" in r][-steps:]
+    if len(last) < steps or any(r["zero_adv_rate"] < 1 for r in last):
+        return ""
+    span = f"steps {last[0]['step']}-{last[-1]['step']}" if steps > 1 else f"step {last[0]['step']}"
+    if max(r["format_rate"] for r in last) == 0:
+        why = f"no completion was well-formed; {warmup}"
+    elif max(r["correct_rate"] for r in last) == 0:
+        why = "no answer was right: the task is too hard for this model; an easier setting, or a longer warmup"
+    else:
+        why = "each group's answers were all right or all wrong: raise --temperature or --G, or pick a harder task"
+    return f"{span}: every advantage was 0, nothing was learned ({why}); stopping (--no_signal_steps)"
+
+
 def step_line(row: dict, max_steps: int, max_new_tokens: int) -> str:
     """The step's one line, and a line for each silent failure: no well-formed completion, most of them cut off."""
     line = (f"step {row['step']}/{max_steps} | reward {row['reward_mean']:.2f}±{row['reward_std']:.2f} | "

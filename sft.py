@@ -3,8 +3,9 @@ SFT warmup: teach the model the <think> ... </think> <answer> ... </answer> form
 GRPO. A 135M model almost never writes the tags by itself, and with no well-formed answer every reward is
 equal and RL learns nothing.
 
-    python sft.py                                   # offline, balanced syllogism -> out-sft/ckpt.pt
-    python grpo.py --init_from out-sft/ckpt.pt      # then RL from the warmed-up adapter
+    python sft.py --config recipes/quickstart.toml  # offline: linear equations -> out-sft/ckpt.pt
+    python grpo.py --config recipes/quickstart.toml # then RL from the warmed-up adapter
+    python sft.py                                   # the defaults: balanced syllogism, as grpo.py's
 
 Where the worked examples come from (all routes write the same examples.jsonl: question, response, and the
 reference answer and metadata the verifier needs):

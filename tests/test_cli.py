@@ -60,7 +60,8 @@ def test_task_settings_reach_reasoning_gym():
 def small_config(model_dir, out_dir, **kw):
     small = dict(model=model_dir, out_dir=str(out_dir), task="syllogism", max_new_tokens=8, exploration_batchsize=2, G=2, buffer_size=4,
                  batch_size=2, gradient_accumulation_steps=2, eval_size=4, eval_interval=1, lora_r=4, lora_alpha=8.0,
-                 dtype="float32")  # auto would pick bf16 on some CPUs: the tests pin the dtype they check
+                 dtype="float32",  # auto would pick bf16 on some CPUs: the tests pin the dtype they check
+                 no_signal_steps=0)  # a random model never writes the tags: the tests train it all the same
     return dataclasses.replace(grpo.Config(), **{**small, **kw})
 
 
@@ -172,3 +173,29 @@ def test_init_from_a_checkpoint_of_another_task_says_so_and_goes_on(tiny_model_d
     note = f"note: {tmp_path / 'warm' / 'ckpt.pt'} was trained on --task syllogism, this run on " \
            f"--task chain_sum"
     assert note in capsys.readouterr().out and read_log(tmp_path / "rl")
+
+
+def test_a_model_that_never_writes_the_tags_stops_after_its_first_eval_and_names_the_warmup(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("--model", tiny_model_dir, "--out_dir", str(out), "--max_new_tokens", "8", "--eval_size", "4",
+                "--dtype", "float32", "--task", "chain_sum")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: no answer of the step-0 eval was well-formed, so every reward would be the same: warm up first: "
+        "python sft.py --task 'chain_sum', then python grpo.py --init_from out-sft/ckpt.pt")
+    assert [row["step"] for row in read_log(out)] == [0]  # the eval is kept
+
+
+def test_steps_with_nothing_to_learn_stop_the_run_with_the_reason():
+    def step(n, **kw):
+        return {"step": n, "zero_adv_rate": 1.0, "format_rate": 0.9, "correct_rate": 0.0, **kw}
+
+    rows = [{"step": 0, "eval_format_rate": 0.9}, step(1), step(2)]
+    assert report.no_signal(rows, 3, "t") == ""  # two steps are not three
+    assert report.no_signal(rows + [step(3)], 3, "t").startswith("steps 1-3: every advantage was 0")
+    assert "no answer was right: the task is too hard" in report.no_signal(rows + [step(3)], 3, "t")
+    assert "all right or all wrong" in report.no_signal(rows + [step(3, correct_rate=0.5)], 3, "t")
+    assert "python sft.py --task 't'" in report.no_signal(rows + [step(3, format_rate=0.0)], 1, "t")
+    assert report.no_signal(rows + [step(3, zero_adv_rate=0.9)], 3, "t") == ""  # one group differed: signal
+    assert report.no_signal(rows + [step(3)], 0, "t") == ""  # 0: never stop
+    assert report.no_signal([{"step": 0, "eval_format_rate": 0.0}], 0, "t") == ""
