@@ -69,6 +69,7 @@ class Config:
                     "mixes) or a .jsonl file; the default, sft.py's too, is as often valid as not")
     eval_task: str = opt("", "evaluate on this task instead (same syntax as --task): does the skill carry over?")
     out_dir: str = opt("out", "where log.jsonl, samples.jsonl, ckpt.pt and curves.png go")
+    report_to: str = opt("", "also send each log row to tensorboard or wandb", choices=("", "tensorboard", "wandb"))
     device: str = opt("auto", "cpu, cuda, or auto (cuda if available)", choices=("auto", "cpu", "cuda"))
     dtype: str = opt("auto", "float32, bfloat16, float16, or auto (bf16 on cuda, and on a CPU where bf16 is fast)",
                      choices=("auto", "float32", "bfloat16", "float16"))
@@ -698,8 +699,6 @@ def main(cfg: Config):
     if ckpt:
         rundir.load_weights(model, ckpt)
         print(f"initialised from {cfg.init_from}" if cfg.init_from else f"resumed from {run.ckpt_path}")
-    if cfg.init_from and ckpt["config"].get("task", cfg.task) != cfg.task:  # a transfer may be meant: go on
-        print(f"note: {cfg.init_from} was trained on --task {ckpt['config']['task']}, this run on --task {cfg.task}")
     if cfg.resume:
         step, eval_start = rundir.restore(ckpt, optimizer, questions, pool, generator, rank)
 

@@ -6,6 +6,8 @@ rundir.py: the files of one run, in its out_dir, and how they survive a crash.
     ckpt.pt        trained weights, optimizer, config, step, data position, RNG states, curriculum, the step-0 eval's
                    verdicts; written to a temporary file and renamed, so a crash never leaves a broken one
     curves.png     reward, train correctness and format, eval accuracy against the step (report.py)
+    config.toml    the run's resolved flags: --config repeats it
+    tensorboard/, wandb/   with --report_to: every log.jsonl row, for a tracker (wandb offline unless WANDB_MODE says)
 
 An out_dir holds one run: a new run refuses an out_dir that holds one, unless told to --resume it or to
 --overwrite it (the old run is then moved aside, never deleted); --resume refuses flags that would make it another
@@ -14,6 +16,7 @@ the last checkpoint stays as it was.
 """
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import random
@@ -111,7 +114,10 @@ class Run:
         self.out_dir, self.write = out_dir, write
         self.ckpt_path = os.path.join(out_dir, "ckpt.pt")
         self.log_path, self.samples_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "samples.jsonl")
-        self.rows = []
+        self.rows, self.tracker = [], None
+        self.report_to, self.config = getattr(cfg, "report_to", ""), dataclasses.asdict(cfg) if cfg else {}
+        if self.report_to and importlib.util.find_spec(self.report_to) is None:
+            fail(f"--report_to {self.report_to} needs its package: pip install {self.report_to}")
         if resume:
             ckpt = read_checkpoint(self.ckpt_path)
             if cfg is not None:
@@ -150,6 +156,10 @@ class Run:
                 with open(self.log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 report.write_plot(self.out_dir, self.rows)
+            if self.report_to and self.tracker is None:  # opened at the first row: bad input leaves nothing
+                self.tracker = tracker(self.report_to, self.out_dir, self.config)
+            if self.tracker:
+                self.tracker(row)
 
     def samples(self, rows: list[dict]) -> None:
         if self.write:
@@ -165,6 +175,28 @@ class Run:
             with writing(self.ckpt_path):
                 save_checkpoint(self.ckpt_path, weights, optimizer, cfg, step, questions.index, generator, pool,
                                 eval_start)
+
+
+def tracker(name: str, out_dir: str, config: dict):
+    """--report_to: a function that sends a log row's numbers to tensorboard or wandb (offline unless WANDB_MODE
+    says otherwise; `wandb sync` uploads later). The package is imported here, only when asked for."""
+    if name == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+        def log(row: dict) -> None:
+            for key, value in numbers(row):
+                writer.add_scalar(key, value, row["step"])
+            writer.flush()
+        return log
+    import wandb
+    run = wandb.init(project="grpo", name=os.path.basename(os.path.abspath(out_dir)), dir=out_dir, config=config,
+                     mode=os.environ.get("WANDB_MODE", "offline"))
+    return lambda row: run.log(dict(numbers(row)), step=row["step"])
+
+
+def numbers(row: dict) -> list[tuple[str, float]]:
+    return [(k, v) for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)]
 
 
 def read_rows(path: str) -> tuple[list[dict], bool]:
@@ -212,6 +244,8 @@ def read_checkpoint(path: str, cfg=None) -> dict:
         if saved.get(key) != getattr(cfg, key):
             fail(f"{path} was trained with --{key} {saved.get(key)}, this run has --{key} {getattr(cfg, key)}: "
                  f"pass the same")
+    if cfg is not None and saved.get("task", cfg.task) != cfg.task:  # a transfer may be meant: go on
+        print(f"note: {path} was trained on --task {saved['task']}, this run on --task {cfg.task}")
     return ckpt
 
 

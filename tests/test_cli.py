@@ -58,8 +58,8 @@ def test_task_settings_reach_reasoning_gym():
 
 
 def small_config(model_dir, out_dir, **kw):
-    small = dict(model=model_dir, out_dir=str(out_dir), task="syllogism", max_new_tokens=8, exploration_batchsize=2, G=2, buffer_size=4,
-                 batch_size=2, gradient_accumulation_steps=2, eval_size=4, eval_interval=1, lora_r=4, lora_alpha=8.0,
+    small = dict(model=model_dir, out_dir=str(out_dir), task="syllogism", max_new_tokens=8, exploration_batchsize=2,
+                 G=2, buffer_size=4, batch_size=2, gradient_accumulation_steps=2, eval_size=4, eval_interval=1, lora_r=4, lora_alpha=8.0,
                  dtype="float32",  # auto would pick bf16 on some CPUs: the tests pin the dtype they check
                  no_signal_steps=0)  # a random model never writes the tags: the tests train it all the same
     return dataclasses.replace(grpo.Config(), **{**small, **kw})
@@ -199,3 +199,35 @@ def test_steps_with_nothing_to_learn_stop_the_run_with_the_reason():
     assert report.no_signal(rows + [step(3, zero_adv_rate=0.9)], 3, "t") == ""  # one group differed: signal
     assert report.no_signal(rows + [step(3)], 0, "t") == ""  # 0: never stop
     assert report.no_signal([{"step": 0, "eval_format_rate": 0.0}], 0, "t") == ""
+
+
+def test_report_to_tensorboard_writes_every_log_row(tiny_model_dir, tmp_path):
+    pytest.importorskip("tensorboard", reason="an optional tracker: .ci/run installs it")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    grpo.main(small_config(tiny_model_dir, out, max_steps=2, report_to="tensorboard"))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval_accuracy")] == [0, 1, 2]
+    logged = [r["reward_mean"] for r in read_log(out)[1:]]
+    assert [e.value for e in events.Scalars("reward_mean")] == pytest.approx(logged)
+
+
+def test_report_to_wandb_logs_offline(tiny_model_dir, tmp_path):
+    pytest.importorskip("wandb", reason="an optional tracker: .ci/run installs it")
+    out = tmp_path / "run"
+    args = [f"--{k}={v}" for k, v in dataclasses.asdict(small_config(tiny_model_dir, out, max_steps=1)).items()
+            if v != getattr(grpo.Config, k, None) and not isinstance(v, bool)]
+    r = run_cli(*args, "--report_to", "wandb", timeout=300)
+    assert r.returncode == 0, r.stderr
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    assert list(run_dir.glob("run-*.wandb"))  # what `wandb sync` uploads
+
+
+def test_report_to_without_its_package_is_one_line(tiny_model_dir, tmp_path, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(flags.BadInput, match="--report_to wandb needs its package: pip install wandb"):
+        grpo.main(small_config(tiny_model_dir, tmp_path / "run", max_steps=1, report_to="wandb"))
+    assert not (tmp_path / "run").exists()
