@@ -59,7 +59,8 @@ def test_task_settings_reach_reasoning_gym():
 
 def small_config(model_dir, out_dir, **kw):
     small = dict(model=model_dir, out_dir=str(out_dir), task="syllogism", max_new_tokens=8, exploration_batchsize=2,
-                 G=2, buffer_size=4, batch_size=2, gradient_accumulation_steps=2, eval_size=4, eval_interval=1, lora_r=4, lora_alpha=8.0,
+                 G=2, buffer_size=4, batch_size=2, gradient_accumulation_steps=2, eval_size=4, eval_interval=1,
+                 lora_r=4, lora_alpha=8.0,
                  dtype="float32",  # auto would pick bf16 on some CPUs: the tests pin the dtype they check
                  no_signal_steps=0)  # a random model never writes the tags: the tests train it all the same
     return dataclasses.replace(grpo.Config(), **{**small, **kw})
