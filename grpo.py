@@ -23,16 +23,15 @@ reasoning-gym's verifier. One training step:
    `--loss_agg` says how the token losses add up: `seq` (mean per sequence, then over sequences: DeepSeek),
    `token` (sum / number of tokens: DAPO), `dr_grpo` (sum / (sequences * max_new_tokens)). The divisor is
    that of the whole optimizer step, so k accumulated micro-batches give exactly the big batch's gradient.
-4. Log a line, evaluate held-out accuracy every `eval_interval` steps (greedy, and with `--eval_samples K` the
-   mean@K, pass@K and mixed rate of K samples), checkpoint.
+4. Log a line; every `eval_interval` steps, held-out accuracy (greedy; --eval_samples K: mean@K, pass@K); save.
 
 Choices worth knowing: old log-probs come from the training forward pass (same code, same minibatches), so on
-the first optimizer step the ratio is exactly 1; the KL's reference is the model with LoRA switched off (no
-second copy); the buffer stores sequences unpadded, each minibatch padded to its own longest; a prompt runs once
-for all its completions (in the sampler too, where the prefix all prompts share is prefilled once); samples with
-zero advantage (and no KL term) have no gradient and are not run; log-probs are computed only at completion
-positions, in chunks (no tokens x vocabulary tensor); on CPU in fp32, weights that stay fixed for a while are
-multiplied in oneDNN's packed layout (packed.py). A run with nothing to learn from stops (--no_signal_steps).
+the first optimizer step the ratio is exactly 1; the KL's reference is the model with LoRA switched off; the
+buffer stores sequences unpadded, each minibatch padded to its own longest; a prompt runs once for all its
+completions (in the sampler too, where the prefix all prompts share is prefilled once); zero-advantage samples
+(without KL) have no gradient and are not run; log-probs are computed only at completion positions, in chunks;
+on CPU in fp32, fixed weights are multiplied in oneDNN's packed layout (packed.py). A run with nothing to learn
+from stops: --no_signal_steps.
 """
 import contextlib
 import math
@@ -692,8 +691,7 @@ def main(cfg: Config):
     check_context(model, [R.encode_prompt(tok, e["question"]) for e in eval_entries], cfg.max_new_tokens)
     apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
     params = [p for p in model.parameters() if p.requires_grad]
-    print(f"trainable: {sum(p.numel() for p in params) / 1e6:.2f}M params "
-          f"({'LoRA r=%d' % cfg.lora_r if cfg.lora_r else 'full model'})")
+    print(f"trainable: {sum(p.numel() for p in params) / 1e6:.2f}M params (LoRA r {cfg.lora_r}; 0: the full model)")
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     step, eval_start = 0, None
     if ckpt:
@@ -702,14 +700,16 @@ def main(cfg: Config):
     if cfg.resume:
         step, eval_start = rundir.restore(ckpt, optimizer, questions, pool, generator, rank)
 
+    if cfg.no_signal_steps and not ckpt and not cfg.eval_only:  # a fresh model: do 32 answers show the tags at all?
+        probe = evaluate(model, tok, eval_entries[:32], eval_set.score_answer, cfg.max_new_tokens)[0]
+        report.stop_without_signal([probe], cfg.no_signal_steps, cfg.task)
     run.save_config(flags.to_toml(cfg, "grpo"))
     if cfg.eval_only or step == 0:
         metrics, eval_start = eval_step(model, tok, eval_entries, eval_set.score_answer, cfg, step, None, run)
         run.log({"step": step, **metrics})
         if cfg.eval_only:
             return
-        if report.no_signal(run.rows, cfg.no_signal_steps, cfg.task):  # no well-formed answer: nothing to learn
-            fail(report.no_signal(run.rows, cfg.no_signal_steps, cfg.task))
+        report.stop_without_signal(run.rows, cfg.no_signal_steps, cfg.task)  # no well-formed answer: stop
         print(report.before_training(metrics), end="")
     stop = rundir.StopOnSignal()  # SIGTERM or Ctrl-C: finish the step, checkpoint, exit
     while step < cfg.max_steps:

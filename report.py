@@ -9,6 +9,8 @@ import math
 import os
 import sys
 
+from flags import fail
+
 NO_FORMAT = ("a model that never writes the tags gives GRPO nothing to learn from (every reward the same): warm it up "
              "first with python sft.py, then --init_from out-sft/ckpt.pt")
 FEW_MIXED = ("GRPO learns only from groups whose answers differ, so it has little to learn from here: raise "
@@ -119,7 +121,7 @@ def no_signal(rows: list[dict], steps: int, task: str) -> str:
     if not steps or not rows:
         return ""
     if len(rows) == 1 and rows[0].get("eval_format_rate", 1) == 0:
-        return f"no answer of the step-0 eval was well-formed, so every reward would be the same: {warmup}"
+        return f"no greedy answer to held-out questions was well-formed, so every reward would be the same: {warmup}"
     last = [r for r in rows if "zero_adv_rate" in r][-steps:]
     if len(last) < steps or any(r["zero_adv_rate"] < 1 for r in last):
         return ""
@@ -131,6 +133,13 @@ def no_signal(rows: list[dict], steps: int, task: str) -> str:
     else:
         why = "each group's answers were all right or all wrong: raise --temperature or --G, or pick a harder task"
     return f"{span}: every advantage was 0, nothing was learned ({why}); stopping (--no_signal_steps)"
+
+
+def stop_without_signal(rows: list[dict], steps: int, task: str) -> None:
+    """One line and exit code 2 (flags.fail) where no_signal says why."""
+    why = no_signal(rows, steps, task)
+    if why:
+        fail(why)
 
 
 def step_line(row: dict, max_steps: int, max_new_tokens: int) -> str:

@@ -176,15 +176,16 @@ def test_init_from_a_checkpoint_of_another_task_says_so_and_goes_on(tiny_model_d
     assert note in capsys.readouterr().out and read_log(tmp_path / "rl")
 
 
-def test_a_model_that_never_writes_the_tags_stops_after_its_first_eval_and_names_the_warmup(tiny_model_dir, tmp_path):
+def test_a_fresh_model_that_never_writes_the_tags_stops_before_training_and_names_the_warmup(tiny_model_dir,
+                                                                                            tmp_path):
     out = tmp_path / "run"
     r = run_cli("--model", tiny_model_dir, "--out_dir", str(out), "--max_new_tokens", "8", "--eval_size", "4",
                 "--dtype", "float32", "--task", "chain_sum")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
-        "error: no answer of the step-0 eval was well-formed, so every reward would be the same: warm up first: "
-        "python sft.py --task 'chain_sum', then python grpo.py --init_from out-sft/ckpt.pt")
-    assert [row["step"] for row in read_log(out)] == [0]  # the eval is kept
+        "error: no greedy answer to held-out questions was well-formed, so every reward would be the same: "
+        "warm up first: python sft.py --task 'chain_sum', then python grpo.py --init_from out-sft/ckpt.pt")
+    assert not out.exists()  # 32 greedy answers said it: nothing trained, nothing written
 
 
 def test_steps_with_nothing_to_learn_stop_the_run_with_the_reason():
@@ -232,3 +233,11 @@ def test_report_to_without_its_package_is_one_line(tiny_model_dir, tmp_path, mon
     with pytest.raises(flags.BadInput, match="--report_to wandb needs its package: pip install wandb"):
         grpo.main(small_config(tiny_model_dir, tmp_path / "run", max_steps=1, report_to="wandb"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_warmup_that_taught_no_tags_stops_after_the_step_0_eval(tiny_model_dir, tmp_path):
+    grpo.main(small_config(tiny_model_dir, tmp_path / "warm", max_steps=1))  # a checkpoint that writes no tags
+    with pytest.raises(flags.BadInput, match="no greedy answer to held-out questions was well-formed"):
+        grpo.main(small_config(tiny_model_dir, tmp_path / "rl", init_from=str(tmp_path / "warm" / "ckpt.pt"),
+                               no_signal_steps=3))
+    assert [row["step"] for row in read_log(tmp_path / "rl")] == [0]  # the step-0 eval is kept
