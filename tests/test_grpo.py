@@ -555,20 +555,23 @@ def train_row(step, **kw):
     return {**row, **kw}
 
 
-@pytest.mark.parametrize("key, what", [("entropy", "entropy"), ("completion_len_mean", "mean completion length"),
+@pytest.mark.parametrize("key, what", [("completion_len_mean", "mean completion length"),
                                        ("len_right_mean", "length of right answers")])
-def test_a_halving_within_five_steps_is_warned_about(key, what):
+def test_answers_a_third_shorter_within_five_steps_are_warned_about(key, what):
     rows = [train_row(s) for s in range(1, 6)]
-    assert report.collapse_warnings(rows + [train_row(6, **{key: 0.31 * train_row(0)[key]})]).count("\n") == 1
-    assert what in report.collapse_warnings(rows + [train_row(6, **{key: 0.5 * train_row(0)[key]})])
-    assert report.collapse_warnings(rows + [train_row(6, **{key: 0.55 * train_row(0)[key]})]) == ""
-    slow = [train_row(1)] + [train_row(s, **{key: 0.6 * train_row(0)[key]}) for s in range(2, 8)]
-    assert report.collapse_warnings(slow + [train_row(8, **{key: 0.4 * train_row(0)[key]})]) == ""  # step 1: too old
+    base = train_row(0)[key]
+    assert report.collapse_warnings(rows + [train_row(6, **{key: 0.5 * base})]).count("\n") == 1
+    assert what in report.collapse_warnings(rows + [train_row(6, **{key: 0.66 * base})])
+    assert report.collapse_warnings(rows + [train_row(6, **{key: 0.7 * base})]) == ""
+    slow = [train_row(1)] + [train_row(s, **{key: 0.8 * base}) for s in range(2, 8)]
+    assert report.collapse_warnings(slow + [train_row(8, **{key: 0.6 * base})]) == ""  # step 1 is too old
 
 
-def test_no_entropy_this_step_and_a_first_step_warn_of_nothing():
+def test_entropy_falling_is_no_warning_and_a_first_step_warns_of_nothing():
+    rows = [train_row(s) for s in range(1, 6)]
+    assert report.collapse_warnings(rows + [train_row(6, entropy=0.1 * train_row(0)["entropy"])]) == ""
     assert report.collapse_warnings([train_row(1)]) == ""
-    assert report.collapse_warnings([train_row(1), train_row(2, entropy=float("nan"))]) == ""
+    assert report.collapse_warnings([train_row(1), train_row(2, len_right_mean=float("nan"))]) == ""
     assert report.collapse_warnings([{"step": 0, "eval_accuracy": 0.3}]) == ""
 
 
