@@ -206,10 +206,18 @@ def test_substring_partial_credit_is_not_paid_by_default(equation, answer, score
         ("(4 + 5) * 2 = 18", []),
         ("x = 7", []),
         ("e = 5.5.5 + 1 = 2", []),
+        ("5 + 3 = 8 -\n-28 - 15 = -43", [True, True]),  # a line's work ends with the line (a real completion)
+        ("13 +\n-28 - 15 = -43", [True]),
+        ("7 - 2\n= 5", []),
     ],
 )
 def test_work_lines_check_each_worked_step(text, holds):
     assert work_lines(text) == holds
+
+
+def test_work_lines_never_raise_on_odd_text():
+    for text in ["1" + " + 1" * 2000 + " = 2001", "3 -\t\n- 2 = 1", "1 / 0.0 = 0", "0 - -0 = 0", "9" * 400 + " + 1 = 1"]:
+        assert all(isinstance(h, bool) for h in work_lines(text))
 
 
 def test_check_work_pays_a_right_answer_only_with_right_work(equation):
