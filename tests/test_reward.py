@@ -1,5 +1,7 @@
 """Specification of reward.py: answer extraction, format, correctness, length."""
 
+import random
+
 import pytest
 import reasoning_gym as rg
 
@@ -216,7 +218,10 @@ def test_work_lines_check_each_worked_step(text, holds):
 
 
 def test_work_lines_never_raise_on_odd_text():
-    for text in ["1" + " + 1" * 2000 + " = 2001", "3 -\t\n- 2 = 1", "1 / 0.0 = 0", "0 - -0 = 0", "9" * 400 + " + 1 = 1"]:
+    rng = random.Random(0)
+    noise = ["".join(rng.choice("0123456789 +-*/=.\n\tx()") for _ in range(rng.randint(1, 40))) for _ in range(20000)]
+    for text in ["1" + " + 1" * 2000 + " = 2001", "3 -\t\n- 2 = 1", "1 / 0.0 = 0", "0 - -0 = 0", "9" * 400 + " + 1 = 1",
+                 *noise]:
         assert all(isinstance(h, bool) for h in work_lines(text))
 
 
