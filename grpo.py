@@ -84,7 +84,7 @@ class Config:
     w_correct: float = opt(0.85, "weight of correctness (1 for the task's full marks, else 0) in the reward")
     partial_credit: bool = opt(False, "correctness is the task's fractional score (farmable: '58' earns 0.5 for 8)")
     check_work: bool = opt(False, "an answer counts as right only if each worked line 'a op b = c' in it holds")
-    random_reward: bool = opt(False, "control: correctness replaced by random 0/1 at the step's real rate")
+    random_reward: bool = opt(False, "control: correctness replaced by random 0/1 at the rollout's real rate")
     w_format: float = opt(0.15, "weight of the <think>..</think><answer>..</answer> format in the reward")
     w_length: float = opt(0.0, "weight of the Kimi 1.5 length reward (shorter correct answers earn more)")
     w_overlong: float = opt(0.0, "weight of DAPO's soft overlong penalty (0 to -1 over the last overlong_buffer)")
@@ -326,7 +326,7 @@ class TokenLogprobs(torch.autograd.Function):
     d logp / d logits = onehot(target) - softmax(logits). The (chunk x V) logits are recomputed in backward
     rather than stored. In fp32 at least: a bf16 logit of 20 is rounded to 1/8, which would make every ratio
     of the loss jitter by several percent. Also returns the entropy of each position's distribution (no
-    gradient): a policy whose entropy falls fast is collapsing onto a few answers."""
+    gradient), logged to show how fast the policy sharpens."""
 
     @staticmethod
     def forward(ctx, h, w, targets, temperature):
@@ -504,8 +504,8 @@ def has_gradient(sample: dict, beta: float) -> bool:
     return sample["advantage"] != 0 or beta > 0
 
 
-def minibatch_logprobs(model, mb: list[dict], cfg: Config, pad_id: int, device, grad: bool,
-                       ) -> tuple[list, torch.Tensor]:
+def minibatch_logprobs(model, mb: list[dict], cfg: Config, pad_id: int, device,
+                       grad: bool) -> tuple[list, torch.Tensor]:
     """Each sample's completion log-probs (with or without the graph), and the entropy at every token (T,)."""
     with torch.set_grad_enabled(grad):
         logp, entropy = completion_logprobs(model, collate(mb, pad_id, device), cfg.temperature,
