@@ -118,13 +118,15 @@ def measure(args: BenchConfig, device: str, dtype: torch.dtype, why: str) -> dic
     grpo.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6)
-    buffer = [{"prompt": prompts[i // cfg.G], "completion": c, "advantage": 1.0 if i % 2 else -1.0}
+    buffer = [grpo.Sample(prompts[i // cfg.G], c, advantage=1.0 if i % 2 else -1.0)
               for i, c in enumerate(completions)]
     minibatches = [buffer[i:i + cfg.batch_size] for i in range(0, len(buffer), cfg.batch_size)]
 
     def train_step():  # one optimizer step on the policy that sampled: old log-probs come from this very pass
+        for s in buffer:
+            s.old_logp = None
         with frozen_linears(model, rows=1024, training=True):  # as grpo.update does
-            grpo.accumulate_gradients(model, minibatches, {}, {}, cfg, tok.eos_token_id, device)
+            grpo.accumulate_gradients(model, minibatches, cfg, tok.eos_token_id, device)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -133,8 +135,8 @@ def measure(args: BenchConfig, device: str, dtype: torch.dtype, why: str) -> dic
     # train_tok_s counts every sample's prompt + completion (the work of a trainer that runs each sequence whole);
     # a minibatch runs each of its prompts once for all their samples, so fewer tokens go through the model:
     # those are what train_vs_limit compares with the compute limit
-    r["train_tok_s"] = sum(len(b["prompt"]) + len(b["completion"]) for b in buffer) / s
-    computed = lambda mb: sum(map(len, {tuple(b["prompt"]) for b in mb})) + sum(len(b["completion"]) for b in mb)
+    r["train_tok_s"] = sum(len(b.prompt) + len(b.completion) for b in buffer) / s
+    computed = lambda mb: sum(map(len, {tuple(b.prompt) for b in mb})) + sum(len(b.completion) for b in mb)
     r["train_computed_tok_s"] = sum(computed(mb) for mb in minibatches) / s
     r["train_vs_limit"] = r["train_computed_tok_s"] / (sample_limit / 2)
 
@@ -145,13 +147,13 @@ def measure(args: BenchConfig, device: str, dtype: torch.dtype, why: str) -> dic
     for k in range(1, args.steps + 1):
         entries = [task[i] for i in range(k * cfg.exploration_batchsize, (k + 1) * cfg.exploration_batchsize)]
         batch, rollout_s = timed(lambda: grpo.rollout(model, tok, entries, task.score_answer, cfg, gen), device)
-        synthetic = all(s["advantage"] == 0 for s in batch)
+        synthetic = all(s.advantage == 0 for s in batch)
         if synthetic:  # the base model earns no reward (no tags): time the update's real work anyway
             for i, s in enumerate(batch):
-                s["advantage"] = 1.0 if i % 2 else -1.0
+                s.advantage = 1.0 if i % 2 else -1.0
         _, update_s = timed(lambda: grpo.update(model, optimizer, batch, cfg, tok.eos_token_id, gen, device), device)
         steps.append({"step_s": rollout_s + update_s, "rollout_s": rollout_s, "update_s": update_s,
-                      "tokens": sum(len(s["completion"]) for s in batch), "synthetic_advantages": synthetic})
+                      "tokens": sum(len(s.completion) for s in batch), "synthetic_advantages": synthetic})
     median = sorted(steps, key=lambda x: x["step_s"])[len(steps) // 2]
     r.update({f"grpo_{k}": v for k, v in median.items()})
     r["grpo_steps_s"] = [x["step_s"] for x in steps]

@@ -1,43 +1,47 @@
 """
-GRPO from scratch: teach a small language model to think before it answers, with reinforcement learning from
-verifiable rewards. One file, read top to bottom; the model is model.py's.
+GRPO from scratch: teach a small language model to think before it answers, with reinforcement
+learning from verifiable rewards. One file, read top to bottom; the model is model.py's.
 
-    python sft.py --config recipes/quickstart.toml    # first, the warmup: the format, from worked examples
-    python grpo.py --config recipes/quickstart.toml   # then GRPO from that adapter (SmolLM2-135M, offline)
+    python sft.py --config recipes/quickstart.toml    # first, the warmup: the format, from examples
+    python grpo.py --config recipes/quickstart.toml   # then GRPO from that adapter (SmolLM2-135M)
     python grpo.py --eval_only --init_from out/ckpt.pt --eval_samples 6    # --help: every flag
 
-The model is asked to write `<think> ... </think> <answer> ... </answer>`; reward.py scores the answer with
-reasoning-gym's verifier. One training step:
+The model is asked to write `<think> ... </think> <answer> ... </answer>`; reward.py scores the
+answer with reasoning-gym's verifier. One training step:
 
-1. Rollout, until the buffer holds `buffer_size` samples: take `exploration_batchsize` questions and sample
-   `G` completions of each (the group; our KV-cache sampler: temperature, exact top-p, stop at EOS). Score each:
-   r = w_correct * correctness + w_format * format (+ the optional terms of reward.total_reward); correctness
-   is 1 for the task's full marks and 0 otherwise (reasoning-gym's partial credit only with --partial_credit).
-2. Advantages, per group: A_i = (r_i - mean(r)) / (std(r) + eps); `--scale_rewards none` keeps only the
-   centering (Dr. GRPO). A group of equal rewards gets A = 0.
-3. Update: `ppo_epochs` passes over the buffer in minibatches of `batch_size` (questions in random order, a
-   question's samples together), an AdamW step every `gradient_accumulation_steps` minibatches (its learning
-   rate ramped up linearly over the first `warmup_steps`: AdamW's first steps are full-size whatever the
-   gradient). Per completion token, with ratio = exp(logp - old_logp):
-       loss_t = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)  (+ beta * KL_k3 to the base model)
-   `--loss_agg` says how the token losses add up: `seq` (mean per sequence, then over sequences: DeepSeek),
-   `token` (sum / number of tokens: DAPO), `dr_grpo` (sum / (sequences * max_new_tokens)). The divisor is
-   that of the whole optimizer step, so k accumulated micro-batches give exactly the big batch's gradient.
-4. Log a line; every `eval_interval` steps, held-out accuracy (greedy; --eval_samples K: mean@K, pass@K); save.
+1. Rollout, until the buffer holds `buffer_size` samples: take `exploration_batchsize` questions and
+   sample `G` completions of each (the group; our KV-cache sampler: temperature, exact top-p, stop
+   at EOS). Score each: r = w_correct * correctness + w_format * format (+ the optional terms of
+   reward.total_reward); correctness is 1 for the task's full marks and 0 otherwise
+   (reasoning-gym's partial credit only with --partial_credit).
+2. Advantages, per group: A_i = (r_i - mean(r)) / (std(r) + eps); `--scale_rewards none` keeps only
+   the centering (Dr. GRPO). A group of equal rewards gets A = 0.
+3. Update: `ppo_epochs` passes over the buffer in minibatches of `batch_size` (questions in random
+   order, a question's samples together), an AdamW step every `gradient_accumulation_steps`
+   minibatches (its learning rate ramped up over the first `warmup_steps`: AdamW's first steps are
+   full-size whatever the gradient). Per completion token, with ratio = exp(logp - old_logp):
+       loss_t = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)  (+ beta * KL_k3)
+   `--loss_agg` says how the token losses add up: `seq` (mean per sequence, then over sequences:
+   DeepSeek), `token` (sum / number of tokens: DAPO), `dr_grpo` (sum / (sequences x
+   max_new_tokens)). The divisor is that of the whole optimizer step, so k accumulated
+   minibatches give exactly the big batch's gradient.
+4. Log a line; every `eval_interval` steps, held-out accuracy (greedy; --eval_samples K: mean@K,
+   pass@K); save.
 
-Choices worth knowing: old log-probs come from the training forward pass (same code, same minibatches), so on
-the first optimizer step the ratio is exactly 1; the KL's reference is the model with LoRA switched off; the
-buffer stores sequences unpadded, each minibatch padded to its own longest; a prompt runs once for all its
-completions (in the sampler too, where the prefix all prompts share is prefilled once); zero-advantage samples
-(without KL) have no gradient and are not run; log-probs are computed only at completion positions, in chunks;
-on CPU in fp32, fixed weights are multiplied in oneDNN's packed layout (packed.py). A run with nothing to learn
-from stops: --no_signal_steps.
+Choices worth knowing: old log-probs come from the training forward pass (same code, same
+minibatches), so on the first optimizer step the ratio is exactly 1; the KL's reference is the
+model with LoRA switched off; the buffer stores sequences unpadded, each minibatch padded to its
+own longest; a prompt runs once for all its completions (in the sampler too, where the prefix all
+prompts share is prefilled once); zero-advantage samples (without KL) have no gradient and are not
+run; log-probs are computed only at completion positions, in chunks; on CPU, fixed weights are
+multiplied in oneDNN's packed layout (packed.py). A run with nothing to learn from stops:
+--no_signal_steps.
 """
 import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -46,85 +50,101 @@ import torch.nn.functional as F
 import ddp
 import flags
 import report
-import reward as R
+import reward
 import rundir
-import tasks as T
+import tasks
 import weights
 from flags import fail, opt
 from model import DecodeCache, Prefill, PromptsThenCompletions, own_tokens_mask, upcast
 from packed import frozen_linears, keep_freed_memory
 
-EVAL_SEED = 10**9  # the held-out questions: a seed far from any training seed, the same set in every run
+TRAIN_QUESTIONS = 10**8  # reasoning-gym makes question i of a seed on demand: a stream, not a file
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Config: every field is a command-line flag (python grpo.py --help), checked against the values it accepts
+# --------------------------------------------------------------------------------------------------
+# Config: every field is a command-line flag (python grpo.py --help), checked against its range
 
 @dataclass
 class Config:
     # model and data
-    model: str = opt("SmolLM-135M", "HF hub id or local path; SmolLM-135M = SmolLM2-135M-Instruct, bundled offline")
-    task: str = opt("syllogism:invalid_ratio=0.5", "reasoning-gym task (name:key=value settings, a,b@weight "
-                    "mixes) or a .jsonl file; the default, sft.py's too, is as often valid as not")
-    eval_task: str = opt("", "evaluate on this task instead (same syntax as --task): does the skill carry over?")
+    model: str = opt("SmolLM-135M",
+                     "hub id or local folder; SmolLM-135M = SmolLM2-135M-Instruct, bundled offline")
+    task: str = opt("syllogism:invalid_ratio=0.5", "reasoning-gym task (name:key=value settings, "
+                    "a,b@weight mixes) or a .jsonl file; the default (sft.py's too) is balanced")
+    eval_task: str = opt("", "evaluate on this task instead (as --task): does the skill carry?")
     out_dir: str = opt("out", "where log.jsonl, samples.jsonl, ckpt.pt and curves.png go")
-    report_to: str = opt("", "also send each log row to tensorboard or wandb", choices=("", "tensorboard", "wandb"))
-    device: str = opt("auto", "cpu, cuda, or auto (cuda if available)", choices=("auto", "cpu", "cuda"))
-    dtype: str = opt("auto", "float32, bfloat16, float16, or auto (bf16 on cuda, and on a CPU where bf16 is fast)",
-                     choices=("auto", "float32", "bfloat16", "float16"))
+    report_to: str = opt("", "send log rows to a tracker too", choices=("", "tensorboard", "wandb"))
+    device: str = opt("auto", "cpu, cuda, or auto (cuda if any)", choices=("auto", "cpu", "cuda"))
+    dtype: str = opt("auto", "float32, bfloat16, float16, or auto (bf16 on cuda and where a CPU's "
+                     "bf16 is fast)", choices=("auto", "float32", "bfloat16", "float16"))
     seed: int = opt(0, "seed for questions, sampling and shuffling", at_least=0)
     # rollout
-    max_new_tokens: int = opt(300, "longest completion; longer ones are cut and marked truncated", at_least=1)
-    exploration_batchsize: int = opt(32, "questions per rollout, sampled at once (more rows: faster)", at_least=1)
+    max_new_tokens: int = opt(300, "longest completion; longer ones are cut", at_least=1)
+    exploration_batchsize: int = opt(32, "questions per rollout, sampled at once", at_least=1)
     G: int = opt(6, "completions sampled per question (the group; GRPO compares them)", at_least=2)
     temperature: float = opt(0.7, "sampling temperature (also used for every log-prob)", above=0)
-    top_p: float = opt(0.95, "nucleus sampling: smallest set of tokens with this much probability", above=0, at_most=1)
+    top_p: float = opt(0.95, "nucleus sampling: top tokens of this much mass", above=0, at_most=1)
     buffer_size: int = opt(500, "samples collected per step before the update", at_least=1)
     # reward
-    w_correct: float = opt(0.85, "weight of correctness (1 for the task's full marks, else 0) in the reward")
-    partial_credit: bool = opt(False, "correctness is the task's fractional score (farmable: '58' earns 0.5 for 8)")
-    check_work: bool = opt(False, "an answer counts as right only if each worked line 'a op b = c' in it holds")
-    random_reward: bool = opt(False, "control: correctness replaced by random 0/1 at the rollout's real rate")
-    w_format: float = opt(0.15, "weight of the <think>..</think><answer>..</answer> format in the reward")
-    w_length: float = opt(0.0, "weight of the Kimi 1.5 length reward (shorter correct answers earn more)")
-    w_overlong: float = opt(0.0, "weight of DAPO's soft overlong penalty (0 to -1 over the last overlong_buffer)")
-    overlong_buffer: int = opt(50, "tokens before max_new_tokens where the overlong penalty ramps down", at_least=0)
-    w_difficulty: float = opt(0.0, "bonus w * (1 - pass rate) for a correct answer (acts with --scale_rewards none)")
-    dynamic_sampling: bool = opt(False, "DAPO: drop groups whose answers are all right or all wrong, sample more")
-    dynamic_sampling_bound: float = opt(3.0, "dynamic sampling: at most this many times the usual rollouts", at_least=1)
-    pool_size: int = opt(0, "curriculum: a pool of this many questions, mid pass rates drawn most (0: off)", at_least=0)
-    retire_after: int = opt(2, "curriculum: retire a question all samples solved on its last N visits", at_least=1)
-    scale_rewards: str = opt("group", "group: advantages divided by the group's std; none: not (Dr. GRPO)",
-                             choices=("group", "none"))
+    w_correct: float = opt(0.85, "weight of correctness (1 for the task's full marks, else 0)")
+    partial_credit: bool = opt(False, "correctness is the task's fractional score (farmable: '58' "
+                               "earns 0.5 for 8)")
+    check_work: bool = opt(False, "an answer counts as right only if each worked line 'a op b = c' "
+                           "in it holds")
+    random_reward: bool = opt(False, "control: correctness replaced by random 0/1 at the rollout's "
+                              "real rate")
+    w_format: float = opt(0.15, "weight of the <think>..</think><answer>..</answer> format")
+    w_length: float = opt(0.0, "weight of Kimi 1.5's length reward (shorter right ones earn more)")
+    w_overlong: float = opt(0.0, "weight of DAPO's soft overlong penalty (0 to -1 over the last "
+                            "overlong_buffer)")
+    overlong_buffer: int = opt(50, "the overlong penalty's ramp, in tokens", at_least=0)
+    w_difficulty: float = opt(0.0, "bonus w * (1 - pass rate) for a correct answer (acts with "
+                              "--scale_rewards none)")
+    dynamic_sampling: bool = opt(False, "DAPO: drop all-right and all-wrong groups, sample more")
+    dynamic_sampling_bound: float = opt(3.0, "dynamic sampling: at most this many times the usual "
+                                        "rollouts", at_least=1)
+    pool_size: int = opt(0, "curriculum: a pool of this many questions, mid pass rates drawn most "
+                         "(0: off)", at_least=0)
+    retire_after: int = opt(2, "curriculum: retire questions all-solved N visits", at_least=1)
+    scale_rewards: str = opt("group", "group: advantages divided by the group's std; none: not "
+                             "(Dr. GRPO)", choices=("group", "none"))
     # update
     batch_size: int = opt(16, "sequences per minibatch (one forward/backward)", at_least=1)
     gradient_accumulation_steps: int = opt(12, "minibatches per optimizer step", at_least=1)
     ppo_epochs: int = opt(1, "passes over the buffer per step", at_least=1)
     learning_rate: float = opt(5e-5, "AdamW learning rate", at_least=0)
-    warmup_steps: int = opt(10, "the learning rate rises linearly over this many optimizer steps (0: none)", at_least=0)
+    warmup_steps: int = opt(10, "the learning rate rises linearly over this many optimizer steps "
+                            "(0: none)", at_least=0)
     weight_decay: float = opt(0.0, "AdamW weight decay", at_least=0)
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0: no clipping)", at_least=0)
     eps_low: float = opt(0.2, "PPO clip: ratio kept above 1 - eps_low", at_least=0, below=1)
-    eps_high: float = opt(0.2, "PPO clip: ratio kept below 1 + eps_high (DAPO raises it)", at_least=0)
-    loss_agg: str = opt("seq", "token losses averaged per sequence (seq: DeepSeek), per token (token: DAPO) or "
-                               "over sequences x max_new_tokens (dr_grpo)", choices=("seq", "token", "dr_grpo"))
-    beta: float = opt(0.0, "KL penalty weight against the base model (LoRA off); 0 = no KL", at_least=0)
-    grad_checkpoint: bool = opt(False, "recompute each block in backward: memory of ~1 block, ~30 percent more compute")
+    eps_high: float = opt(0.2, "PPO clip: ratio kept below 1 + eps_high (DAPO: higher)", at_least=0)
+    loss_agg: str = opt("seq", "token losses averaged per sequence (seq: DeepSeek), per token "
+                        "(token: DAPO) or over sequences x max_new_tokens (dr_grpo)",
+                        choices=("seq", "token", "dr_grpo"))
+    beta: float = opt(0.0, "KL penalty weight against the base model (LoRA off)", at_least=0)
+    grad_checkpoint: bool = opt(False, "recompute each block in backward: memory of ~1 block, ~30 "
+                                "percent more compute")
     # LoRA
     lora_r: int = opt(32, "LoRA rank; 0 trains the full model", at_least=0)
-    lora_alpha: float = opt(64.0, "LoRA scale numerator: the update is (alpha / r) * B @ A", above=0)
-    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj", "linear layers given LoRA")
+    lora_alpha: float = opt(64.0, "LoRA scale: the update is (alpha / r) * B @ A", above=0)
+    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj",
+                            "linear layers given LoRA")
     # loop, eval, checkpoints
-    max_steps: int = opt(100, "training steps (one step = fill the buffer, then update)", at_least=0)
-    eval_interval: int = opt(10, "evaluate every this many steps (0: only before and after training)", at_least=0)
-    eval_size: int = opt(500, "held-out questions (distinct, never trained on) in each eval", at_least=1)
-    eval_seed: int = opt(EVAL_SEED, "seed of the held-out set (another: questions no choice was tuned on)", at_least=0)
-    eval_samples: int = opt(0, "K sampled answers per eval question too: mean@K, pass@K, mixed rate", at_least=0)
-    no_signal_steps: int = opt(3, "stop after N steps in a row whose advantages were all 0 (0: never)", at_least=0)
-    save_interval: int = opt(1, "write ckpt.pt every this many steps (and at the end, on SIGTERM, Ctrl-C)", at_least=1)
-    eval_only: bool = opt(False, "evaluate, write every answer to samples.jsonl (python report.py pairs two), exit")
+    max_steps: int = opt(100, "training steps (a step: fill the buffer, then update)", at_least=0)
+    eval_interval: int = opt(10, "evaluate every N steps (0: only before and after)", at_least=0)
+    eval_size: int = opt(500, "held-out questions (distinct, never trained on)", at_least=1)
+    eval_seed: int = opt(tasks.EVAL_SEED, "seed of the held-out set (another: questions no choice "
+                         "was tuned on)", at_least=0)
+    eval_samples: int = opt(0, "K sampled answers per question too: mean@K, pass@K", at_least=0)
+    no_signal_steps: int = opt(3, "stop after N steps in a row with every advantage 0", at_least=0)
+    save_interval: int = opt(1, "write ckpt.pt every this many steps (and at the end, on SIGTERM, "
+                             "Ctrl-C)", at_least=1)
+    eval_only: bool = opt(False, "evaluate, write every answer to samples.jsonl (python report.py "
+                          "pairs two), exit")
     resume: bool = opt(False, "continue the run in out_dir from its ckpt.pt")
-    overwrite: bool = opt(False, "start anew in an out_dir that holds a run (which is moved aside, not deleted)")
+    overwrite: bool = opt(False, "start anew in an out_dir that holds a run (which is moved aside, "
+                          "not deleted)")
     init_from: str = opt("", "start from this checkpoint's weights (an sft.py or grpo.py ckpt.pt)")
 
 
@@ -135,20 +155,23 @@ def check_config(cfg: Config) -> None:
         fail("--dynamic_sampling and --pool_size run in a single process for now (not under torchrun)")
     for name in ("exploration_batchsize", "batch_size"):
         if getattr(cfg, name) % world:
-            fail(f"--{name} {getattr(cfg, name)} does not divide among {world} processes: use a multiple of {world}")
+            fail(f"--{name} {getattr(cfg, name)} does not divide among {world} processes: use a "
+                 f"multiple of {world}")
     if cfg.resume and cfg.init_from:
         fail("--resume continues out_dir's own run; --init_from starts a new one: pass one of them")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# LoRA: y = W x + (alpha / r) * B A x, with B = 0 at the start so the model starts exactly as the base model.
-# A and B are kept in fp32 at least (in a bf16 model an AdamW step of 5e-5 would round away) and multiply in the
-# model's dtype.
+# --------------------------------------------------------------------------------------------------
+# LoRA: y = W x + (alpha / r) * B A x, with B = 0 at the start so the model starts exactly as the base
+# model. A and B are kept in fp32 at least (in a bf16 model an AdamW step of 5e-5 would round away)
+# and multiply in the model's dtype.
 
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float):
         super().__init__()
-        self.base, self.scale, self.enabled = base, alpha / r, True
+        self.base = base
+        self.scale = alpha / r
+        self.enabled = True
         like = dict(dtype=upcast(base.weight).dtype, device=base.weight.device)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))
@@ -157,13 +180,15 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         y = self.base(x)
         if self.enabled:
-            y = y + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
+            lora = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+            y = y + lora * self.scale
         return y
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """W + (alpha / r) B A, in W's dtype: explicit, never done behind your back."""
-        return (self.base.weight + self.scale * self.lora_B @ self.lora_A).to(self.base.weight.dtype)
+        merged = self.base.weight + self.scale * self.lora_B @ self.lora_A
+        return merged.to(self.base.weight.dtype)
 
 
 def apply_lora(model: nn.Module, r: int, alpha: float, targets: str) -> None:
@@ -174,7 +199,8 @@ def apply_lora(model: nn.Module, r: int, alpha: float, targets: str) -> None:
         return
     model.requires_grad_(False)
     names = tuple(targets.split(","))
-    wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in names]
+    wrapped = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and name.split(".")[-1] in names]
     if not wrapped:
         fail(f"--lora_targets {targets}: no linear layer of this model has one of these names")
     for name, module in wrapped:
@@ -201,29 +227,30 @@ def lora_disabled(model: nn.Module):
             m.enabled = True
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Sampler. 1) The prefix all prompts share (system prompt, chat template) runs once, as one row. 2) Each prompt's
-# own tokens run left-padded, after that prefix. 3) Decoding: each layer keeps the prompts' keys/values once (B rows)
-# and the completions' (B*G rows) in a preallocated buffer written in place; attention reads a prompt's keys once
-# for all its G samples, and merges that with each sample's own part.
+# --------------------------------------------------------------------------------------------------
+# Sampler. 1) The prefix all prompts share (system prompt, chat template) runs once, as one row.
+# 2) Each prompt's own tokens run left-padded, after that prefix. 3) Decoding: each layer keeps
+# the prompts' keys/values once (B rows) and the completions' (B*G rows) in a preallocated buffer
+# written in place; attention reads a prompt's keys once for all its G samples and merges that
+# with each sample's own part.
 
 def sample_next(logits, temperature, top_p, generator):
-    """Next token ids (N,) from logits (N, V): greedy when temperature == 0, else exact top-p sampling.
-    Overwrites the logits (fp32 or wider) with unnormalized probabilities: a new (N, V) tensor per step costs more
-    than the arithmetic (fresh memory is faulted in page by page)."""
+    """Next token ids (N,) from logits (N, V): greedy when temperature == 0, else exact top-p
+    sampling. Overwrites the logits (fp32 or wider) with unnormalized probabilities: a new (N, V)
+    tensor per step costs more than the arithmetic (fresh memory is faulted in page by page)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = upcast(logits)
-    w = logits.sub_(logits.amax(-1, keepdim=True)).mul_(1 / temperature).exp_()  # exp((logits - max) / T)
+    w = logits.sub_(logits.amax(-1, keepdim=True)).mul_(1 / temperature).exp_()  # e^((l - max) / T)
     if top_p >= 1.0:
         return torch.multinomial(w, 1, generator=generator).squeeze(1)
     return sample_nucleus(w, w.sum(-1, keepdim=True), top_p, generator)
 
 
 def sample_nucleus(w, z, top_p: float, generator, k: int = 64):
-    """Top-p from weights w (N, V) summing to z (N, 1). The nucleus almost always lies within the top 64 tokens:
-    sort only those. The rare rows whose nucleus is wider are drawn again from 8x as many candidates (only those
-    rows), until it fits."""
+    """Top-p from weights w (N, V) summing to z (N, 1). The nucleus almost always lies within the
+    top 64 tokens: sort only those. The rare rows whose nucleus is wider are drawn again from 8x as
+    many candidates (only those rows), until it fits."""
     p, idx = w.topk(min(k, w.shape[-1]), dim=-1)  # (N, k), sorted descending
     p = p / z
     cum = p.cumsum(-1)
@@ -236,9 +263,9 @@ def sample_nucleus(w, z, top_p: float, generator, k: int = 64):
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device):
-    P = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     return ids, mask
 
 
@@ -252,26 +279,28 @@ def common_prefix(prompts: list[list[int]]) -> int:
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], G: int, max_new_tokens: int, temperature: float, top_p: float,
-             eos_id: int, generator=None, stop_at_eos: bool = True) -> tuple[list[list[int]], list[bool]]:
-    """Sample G completions of each prompt. Returns completions in order (prompt 0's G samples, prompt 1's, ...),
-    each ending with EOS unless it was cut at max_new_tokens (then truncated is True).
-    stop_at_eos=False samples exactly max_new_tokens for every row (for benchmarks)."""
+def generate(model, prompts: list[list[int]], G: int, max_new_tokens: int, temperature: float,
+             top_p: float, eos_id: int, generator=None,
+             stop_at_eos: bool = True) -> tuple[list[list[int]], list[bool]]:
+    """Sample G completions of each prompt. Returns completions in order (prompt 0's G samples,
+    prompt 1's, ...), each ending with EOS unless it was cut at max_new_tokens (then truncated is
+    True). stop_at_eos=False samples exactly max_new_tokens for every row (for benchmarks)."""
     device = model.lm_head.weight.device
-    with frozen_linears(model, len(prompts) * G):
+    with frozen_linears(model, rows=len(prompts) * G):
         # 1) the prefix all prompts share (system prompt, chat template): once, as one row
         prefill = Prefill(len(model.model.layers))
         n = common_prefix(prompts)
         if n:
             model(torch.tensor([prompts[0][:n]], device=device), attention=prefill)
-        # 2) each prompt's own tokens, left-padded; positions count real tokens only, as in an unpadded prompt
+        # 2) each prompt's own tokens, left-padded; positions count real tokens only
         ids, mask = left_pad([p[n:] for p in prompts], eos_id, device)  # (B, P - n)
         pos = n + (mask.cumsum(-1) - 1).clamp(min=0)
         prefill.mask = own_tokens_mask(mask, n)
         h = model(ids, pos, prefill)
-        logits = model.lm_head(h[:, -1]).repeat_interleave(G, 0)  # (B*G, V): only the last position is needed
-        # 3) decode, one token per row and step; rows leave the batch once a quarter of it has finished
-        cache = DecodeCache(prefill, torch.cat([mask.new_ones(len(prompts), n), mask], 1), G, max_new_tokens)
+        logits = model.lm_head(h[:, -1]).repeat_interleave(G, 0)  # (B*G, V): the last position only
+        # 3) decode, one token per row and step
+        full_mask = torch.cat([mask.new_ones(len(prompts), n), mask], 1)
+        cache = DecodeCache(prefill, full_mask, G, max_new_tokens)
         pos = pos[:, -1:].repeat_interleave(G, 0)  # (B*G, 1)
         N = logits.shape[0]
         out = torch.full((N, max_new_tokens), eos_id, device=device)
@@ -286,6 +315,8 @@ def generate(model, prompts: list[list[int]], G: int, max_new_tokens: int, tempe
             done |= newly
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
+            # finished rows leave the batch (and the cache) once they are a quarter of it: each
+            # removal copies the cache, so rows leave in batches, not one by one
             if int(done.sum()) * 4 >= len(done):
                 keep = (~done).nonzero().squeeze(1)
                 cache.keep(keep)
@@ -298,35 +329,37 @@ def generate(model, prompts: list[list[int]], G: int, max_new_tokens: int, tempe
         return [out[i][:lengths[i]] for i in range(N)], truncated.tolist()
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Log-probs of completion tokens, through the same forward pass that training differentiates
 
-def collate(samples: list[dict], pad_id: int, device):
-    """A minibatch as completion_logprobs runs it: each distinct prompt once (samples of one question share it),
-    right-padded: prompt ids and mask (U, P); `which` (N,): each sample's prompt row; completion ids and mask
-    (N, C), right-padded; and the completion tokens in order (T,). Masks come from lengths, never from token
-    values (pad == eos for many models, and EOS is trained on)."""
-    prompts = list(dict.fromkeys(tuple(s["prompt"]) for s in samples))
-    row = {p: i for i, p in enumerate(prompts)}
-    which = torch.tensor([row[tuple(s["prompt"])] for s in samples])
+def collate(samples: list["Sample"], pad_id: int, device):
+    """A minibatch as completion_logprobs runs it: each distinct prompt once (the samples of one
+    question share it), right-padded: prompt ids and mask (U, P); `prompt_row` (N,): each sample's
+    prompt row; completion ids and mask (N, C), right-padded; the completion tokens in order (T,).
+    Masks come from lengths, never from token values (pad == eos for many models, and EOS is
+    trained on)."""
+    prompts = list(dict.fromkeys(tuple(s.prompt) for s in samples))
+    row_of = {p: i for i, p in enumerate(prompts)}
+    prompt_row = torch.tensor([row_of[tuple(s.prompt)] for s in samples])
 
     def right_pad(seqs):
-        L = max(len(s) for s in seqs)
-        return (torch.tensor([list(s) + [pad_id] * (L - len(s)) for s in seqs]),
-                torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in seqs]))
+        width = max(len(s) for s in seqs)
+        return (torch.tensor([list(s) + [pad_id] * (width - len(s)) for s in seqs]),
+                torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]))
 
     prompt_ids, prompt_mask = right_pad(prompts)
-    ids, mask = right_pad([s["completion"] for s in samples])
+    ids, mask = right_pad([s.completion for s in samples])
     targets = ids[mask.bool()]
-    return tuple(t.to(device) for t in (prompt_ids, prompt_mask, which, ids, mask, targets))
+    return tuple(t.to(device) for t in (prompt_ids, prompt_mask, prompt_row, ids, mask, targets))
 
 
 class TokenLogprobs(torch.autograd.Function):
-    """log softmax(h W^T / T)[target] for a chunk of positions, with the gradient written out by hand:
-    d logp / d logits = onehot(target) - softmax(logits). The (chunk x V) logits are recomputed in backward
-    rather than stored. In fp32 at least: a bf16 logit of 20 is rounded to 1/8, which would make every ratio
-    of the loss jitter by several percent. Also returns the entropy of each position's distribution (no
-    gradient), logged to show how fast the policy sharpens."""
+    """log softmax(h W^T / T)[target] for a chunk of positions, with the gradient written out by
+    hand: d logp / d logits = onehot(target) - softmax(logits). The (chunk x V) logits are
+    recomputed in backward rather than stored. In fp32 at least: a bf16 logit of 20 is rounded to
+    1/8, which would make every ratio of the loss jitter by several percent. Also returns the
+    entropy of each position's distribution (no gradient), logged to show how fast the policy
+    sharpens."""
 
     @staticmethod
     def forward(ctx, h, w, targets, temperature):
@@ -336,7 +369,7 @@ class TokenLogprobs(torch.autograd.Function):
         ctx.temperature = temperature
         logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
         probs = (logits - lse[:, None]).exp_()
-        entropy = lse - torch.linalg.vecdot(probs, logits)  # H = -sum p log p = lse - sum p * logits
+        entropy = lse - torch.linalg.vecdot(probs, logits)  # -sum p log p = lse - sum p * logits
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
@@ -346,27 +379,32 @@ class TokenLogprobs(torch.autograd.Function):
         x, w32 = upcast(h) / ctx.temperature, upcast(w)
         d_logits = F.linear(x, w32).sub_(lse[:, None]).exp_()  # softmax
         d_logits[torch.arange(len(targets), device=targets.device), targets] -= 1
-        d_logits = d_logits.mul_(-grad[:, None].to(d_logits.dtype))  # (n, V): grad * (onehot - softmax)
-        d_h = (d_logits @ w32 / ctx.temperature).to(h.dtype) if ctx.needs_input_grad[0] else None
-        d_w = (d_logits.t() @ x).to(w.dtype) if ctx.needs_input_grad[1] else None  # full fine-tuning: tied embedding
+        d_logits = d_logits.mul_(-grad[:, None].to(d_logits.dtype))  # grad * (onehot - softmax)
+        d_h = d_w = None
+        if ctx.needs_input_grad[0]:
+            d_h = (d_logits @ w32 / ctx.temperature).to(h.dtype)
+        if ctx.needs_input_grad[1]:  # full fine-tuning: the tied embedding trains
+            d_w = (d_logits.t() @ x).to(w.dtype)
         return d_h, d_w, None, None
 
 
-def completion_logprobs(model, batch, temperature: float, grad_checkpoint: bool = False, chunk: int = 1024):
-    """Log-prob (T,) of each completion token under the model at `temperature`, and the entropy (T,) of the
-    model's distribution at each of those positions (no gradient). Each distinct prompt runs once,
-    then every completion runs on top of its prompt (grad_checkpoint: its blocks are recomputed in backward; the
-    prompts, a small part of the activations, are not). Hidden states are kept only where a completion token is
-    predicted; the vocabulary projection runs in chunks and, when training, is recomputed in backward
-    (TokenLogprobs), so memory holds at most one (chunk x V) block of logits."""
-    prompt_ids, prompt_mask, which, ids, mask, targets = batch
-    attention = PromptsThenCompletions(len(model.model.layers), prompt_mask, which, mask)
+def completion_logprobs(model, batch, temperature: float, grad_checkpoint: bool = False,
+                        chunk: int = 1024):
+    """Log-prob (T,) of each completion token under the model at `temperature`, and the entropy (T,)
+    of the model's distribution at each of those positions (no gradient). Each distinct prompt runs
+    once, then every completion runs on top of its prompt (grad_checkpoint: its blocks are
+    recomputed in backward; the prompts, a small part of the activations, are not). Hidden states
+    are kept only where a completion token is predicted; the vocabulary projection runs in chunks
+    of `chunk` positions (SmolLM2: 1024 x 49k fp32 logits, 200 MB) and, when training, is recomputed
+    in backward (TokenLogprobs), so memory holds at most one chunk of logits."""
+    prompt_ids, prompt_mask, prompt_row, ids, mask, targets = batch
+    attention = PromptsThenCompletions(len(model.model.layers), prompt_mask, prompt_row, mask)
     h_prompt = model(prompt_ids, None, attention.prompts)  # (U, P, d), positions 0..P-1
-    prompt_len = prompt_mask.sum(1)[which]  # (N,)
+    prompt_len = prompt_mask.sum(1)[prompt_row]  # (N,)
     pos = prompt_len[:, None] + torch.arange(ids.shape[1], device=ids.device)
     h = model(ids, pos, attention.completions, grad_checkpoint)  # (N, C, d)
-    # completion token t is predicted at completion position t - 1; token 0 at the prompt's last position
-    first = h_prompt[which, prompt_len - 1]  # (N, d)
+    # completion token t is predicted at completion position t - 1; token 0 at the prompt's last
+    first = h_prompt[prompt_row, prompt_len - 1]  # (N, d)
     h = torch.cat([first[:, None], h[:, :-1]], 1)[mask.bool()]  # (T, d)
     w = model.lm_head.weight
     chunks = [TokenLogprobs.apply(h[i:i + chunk], w, targets[i:i + chunk], temperature)
@@ -374,106 +412,150 @@ def completion_logprobs(model, batch, temperature: float, grad_checkpoint: bool 
     return torch.cat([logp for logp, _ in chunks]), torch.cat([entropy for _, entropy in chunks])
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Rollout and buffer: questions -> G completions each -> rewards -> group advantages -> unpadded buffer entries
+# --------------------------------------------------------------------------------------------------
+# Rollout and buffer: questions -> G completions each -> rewards -> group advantages -> samples
+
+@dataclass(eq=False)
+class Sample:
+    """One completion in the buffer. The update reads prompt, completion and advantage, and keeps
+    the old (and reference) log-probs on it; the rest is what the log and samples.jsonl report."""
+    prompt: list[int]  # the question, chat-formatted (shared by its group)
+    completion: list[int]  # the sampled tokens, ending in EOS unless truncated
+    advantage: float = 0.0
+    question: str = ""
+    text: str = ""  # the completion, decoded
+    truncated: bool = False
+    scores: dict = field(default_factory=dict)  # reward.score_group's: reward, correct, format, ...
+    old_logp: torch.Tensor | None = None  # per token, under the policy that sampled it
+    ref_logp: torch.Tensor | None = None  # per token, under the base model (the KL's reference)
+
+    def row(self) -> dict:
+        """What the log reports of it (report.SAMPLE_STATS, rundir.SAMPLE_KEYS)."""
+        return {**self.scores, "question": self.question, "text": self.text,
+                "advantage": self.advantage, "truncated": self.truncated,
+                "length": len(self.completion)}
+
 
 def check_context(model, prompts: list[list[int]], max_new_tokens: int) -> None:
     limit = getattr(model.config, "max_position_embeddings", None)
     longest = max(len(p) for p in prompts)
     if limit and longest + max_new_tokens > limit:
-        fail(f"a prompt of {longest} tokens + --max_new_tokens {max_new_tokens} exceeds the model's context of "
-             f"{limit} tokens: lower --max_new_tokens")
+        fail(f"a prompt of {longest} tokens + --max_new_tokens {max_new_tokens} exceeds the "
+             f"model's context of {limit} tokens: lower --max_new_tokens")
 
 
 def group_advantages(rewards: torch.Tensor, scale: bool, eps: float = 1e-4) -> torch.Tensor:
-    """rewards (B, G) -> advantages (B, G): each completion against its own group. Equal rewards give exactly 0
-    (the float mean of six 0.15s is off by one ulp, which the division by std + eps would blow up to 1e-4)."""
+    """rewards (B, G) -> advantages (B, G): each completion against its own group. Equal rewards
+    give exactly 0 (the float mean of six 0.15s is off by one ulp, which the division by std + eps
+    would blow up to 1e-4)."""
     equal = rewards.max(dim=1, keepdim=True).values == rewards.min(dim=1, keepdim=True).values
     centered = (rewards - rewards.mean(dim=1, keepdim=True)).masked_fill(equal, 0.0)
     return centered / (rewards.std(dim=1, keepdim=True) + eps) if scale else centered
 
 
-def rollout(model, tok, entries: list[dict], score_fn, cfg: Config, generator, pass_rates=None) -> list[dict]:
-    """Sample G completions for each entry, score them and return buffer entries (unpadded token lists)."""
-    prompts = [R.encode_prompt(tok, e["question"]) for e in entries]
+def rollout(model, tok, entries: list[dict], score_fn, cfg: Config, generator,
+            pass_rates=None) -> list[Sample]:
+    """Sample G completions of each entry (a question and its answer) and score them."""
+    prompts = [reward.encode_prompt(tok, e["question"]) for e in entries]
     check_context(model, prompts, cfg.max_new_tokens)
-    completions, truncated = generate(model, prompts, cfg.G, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                                      tok.eos_token_id, generator)
-    texts, lengths = [tok.decode(c, skip_special_tokens=True) for c in completions], [len(c) for c in completions]
+    completions, truncated = generate(model, prompts, cfg.G, cfg.max_new_tokens, cfg.temperature,
+                                      cfg.top_p, tok.eos_token_id, generator)
+    texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
+    lengths = [len(c) for c in completions]
     groups = [range(b * cfg.G, (b + 1) * cfg.G) for b in range(len(entries))]  # each entry's rows
     rates = pass_rates or [None] * len(entries)
-    parts = [R.score_group([texts[i] for i in rows], [lengths[i] for i in rows], entry, score_fn, cfg, rate)
-             for entry, rows, rate in zip(entries, groups, rates)]
-    if cfg.random_reward:  # the control: the verifier's verdicts replaced by coins (see reward.random_correctness)
-        R.random_correctness(parts, torch.rand(len(texts), generator=generator, device=generator.device).tolist())
-        for group, rows, rate in zip(parts, groups, rates):
-            R.add_rewards(group, [lengths[i] for i in rows], cfg, rate)
+    scores = [reward.score_group([texts[i] for i in rows], [lengths[i] for i in rows], entry,
+                                 score_fn, cfg, rate)
+              for entry, rows, rate in zip(entries, groups, rates)]
+    if cfg.random_reward:  # the control: the verifier's verdicts replaced by coins
+        coins = torch.rand(len(texts), generator=generator, device=generator.device).tolist()
+        reward.random_correctness(scores, coins)
+        for group, rows, rate in zip(scores, groups, rates):
+            reward.add_rewards(group, [lengths[i] for i in rows], cfg, rate)
     samples = []
-    for b, (entry, rows) in enumerate(zip(entries, groups)):
-        adv = group_advantages(torch.tensor([[p["reward"] for p in parts[b]]]), cfg.scale_rewards == "group")[0]
-        for g, i in enumerate(rows):
-            samples.append(dict(parts[b][g], prompt=prompts[b], completion=completions[i], truncated=truncated[i],
-                                advantage=adv[g].item(), question=entry["question"], text=texts[i]))
+    for entry, prompt, rows, group in zip(entries, prompts, groups, scores):
+        rewards = torch.tensor([[s["reward"] for s in group]])
+        advantages = group_advantages(rewards, cfg.scale_rewards == "group")[0].tolist()
+        samples += [Sample(prompt, completions[i], advantages[g], entry["question"], texts[i],
+                           truncated[i], group[g]) for g, i in enumerate(rows)]
     return samples
 
 
-def fill_buffer(model, tok, questions: T.Questions, pool, cfg: Config, generator, desc: str):
-    """Rollouts until the buffer holds buffer_size samples (over all processes; without dynamic sampling the last
-    rollout draws only the questions still needed, rounded up to a multiple of the number of processes: buffer 500
-    at G = 6 holds 504). Questions come in order, or from the curriculum pool. With dynamic sampling, groups that
-    are all right or all wrong carry no gradient and are dropped, and more rollouts are made, up to
-    dynamic_sampling_bound times the usual number. Returns (buffer, every sample drawn, stats)."""
+def rollout_size(cfg: Config, buffered: int, world: int) -> int:
+    """Questions for the next rollout: exploration_batchsize or, without dynamic sampling, only as
+    many as the buffer still needs, rounded up to a multiple of the number of processes (so a
+    buffer of 500 at G = 6 holds 504)."""
+    if cfg.dynamic_sampling:
+        return cfg.exploration_batchsize
+    groups_missing = math.ceil((cfg.buffer_size - buffered) / (cfg.G * world))
+    return min(cfg.exploration_batchsize, world * groups_missing)
+
+
+def draw_questions(questions: tasks.Questions, pool, n: int) -> tuple:
+    """n questions in order, or from the curriculum pool: (entries, pass rates, pool indices)."""
+    if not pool:
+        return [questions.next() for _ in range(n)], None, None
+    pool.fill(questions.next)
+    picks = pool.draw(n, random)  # the global random state, which checkpoints keep
+    return [pool.active[i]["entry"] for i in picks], [pool.pass_rate(i) for i in picks], picks
+
+
+def fill_buffer(model, tok, questions: tasks.Questions, pool, cfg: Config, generator, desc: str):
+    """Rollouts until the buffer holds buffer_size samples (over all processes). With dynamic
+    sampling, groups that are all right or all wrong carry no gradient and are dropped, and more
+    rollouts are made, up to dynamic_sampling_bound times the usual number. Returns (buffer, every
+    sample drawn, stats)."""
     rank, world = ddp.rank_world()
-    per_rollout = cfg.exploration_batchsize * cfg.G
-    bound = math.ceil(cfg.buffer_size / per_rollout) * (cfg.dynamic_sampling_bound if cfg.dynamic_sampling else 1)
+    max_rollouts = math.ceil(cfg.buffer_size / (cfg.exploration_batchsize * cfg.G))
+    if cfg.dynamic_sampling:
+        max_rollouts *= cfg.dynamic_sampling_bound
     buffer, sampled, rollouts, dropped = [], [], 0, 0
     bar = ddp.progress(total=cfg.buffer_size, desc=desc)
-    while len(buffer) * world < cfg.buffer_size and rollouts < bound:
-        n = cfg.exploration_batchsize
-        if not cfg.dynamic_sampling:  # the last rollout draws only the questions the buffer still needs
-            n = min(n, world * math.ceil((cfg.buffer_size - len(buffer) * world) / (cfg.G * world)))
-        if pool:
-            pool.fill(questions.next)
-            picks = pool.draw(n, random)
-            entries, rates = [pool.active[i]["entry"] for i in picks], [pool.pass_rate(i) for i in picks]
-        else:
-            entries, rates = [questions.next() for _ in range(n)], None
-        new = rollout(model, tok, entries[rank::world], questions.task.score_answer, cfg, generator, rates)
+    while len(buffer) * world < cfg.buffer_size and rollouts < max_rollouts:
+        n = rollout_size(cfg, len(buffer) * world, world)
+        entries, rates, picks = draw_questions(questions, pool, n)
+        new = rollout(model, tok, entries[rank::world], questions.task.score_answer, cfg, generator,
+                      rates)
         rollouts += 1
         sampled += new
-        for k in range(0, len(new), cfg.G):
-            correct = [s["correct"] for s in new[k:k + cfg.G]]
+        for g, start in enumerate(range(0, len(new), cfg.G)):
+            group = new[start:start + cfg.G]
+            correct = [s.scores["correct"] for s in group]
             if pool:
-                pool.record(picks[k // cfg.G], sum(correct) / cfg.G)
+                pool.record(picks[g], sum(correct) / cfg.G)
             if cfg.dynamic_sampling and len(set(correct)) == 1:
                 dropped += 1
             else:
-                buffer += new[k:k + cfg.G]
+                buffer += group
         bar.n = min(len(buffer) * world, cfg.buffer_size)
         bar.refresh()
     bar.close()
     if pool:
         pool.retire_solved()
     stats = {"rollouts": rollouts, "buffer_samples": len(buffer) * world,
-             "dropped_group_rate": dropped / (len(sampled) // cfg.G), **(pool.stats() if pool else {})}
+             "dropped_group_rate": dropped / (len(sampled) // cfg.G),
+             **(pool.stats() if pool else {})}
     return buffer, sampled, stats
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The loss. Every completion token carries a weight such that the weighted sum over one optimizer step's
-# tokens is the chosen average (--loss_agg); micro-batches then just add their weighted sums.
+# --------------------------------------------------------------------------------------------------
+# The loss. Every completion token carries a weight such that the weighted sum over one optimizer
+# step's tokens is the chosen average (--loss_agg); minibatches then just add their weighted sums.
 
-def token_weights(samples: list[dict], loss_agg: str, max_new_tokens: int) -> list[torch.Tensor]:
-    """Per-sample weight vectors (one weight per completion token) for the samples of one optimizer step.
-    With several processes the counts are those of the step's samples on all of them."""
-    n_seq, n_tok = ddp.all_sum(torch.tensor([len(samples), sum(len(s["completion"]) for s in samples)])).tolist()
-    divisor = {"seq": lambda n: n * n_seq, "token": lambda n: n_tok, "dr_grpo": lambda n: n_seq * max_new_tokens}
-    return [torch.full((len(s["completion"]),), 1.0 / divisor[loss_agg](len(s["completion"])), dtype=torch.float64)
+def token_weights(samples: list[Sample], loss_agg: str, max_new_tokens: int) -> list[torch.Tensor]:
+    """Per-sample weight vectors (one weight per completion token) for the samples of one optimizer
+    step. With several processes the counts are those of the step's samples on all of them."""
+    counts = torch.tensor([len(samples), sum(len(s.completion) for s in samples)])
+    n_seq, n_tok = ddp.all_sum(counts).tolist()
+    divisor = {"seq": lambda n: n * n_seq, "token": lambda n: n_tok,
+               "dr_grpo": lambda n: n_seq * max_new_tokens}[loss_agg]
+    return [torch.full((len(s.completion),), 1.0 / divisor(len(s.completion)), dtype=torch.float64)
             for s in samples]
 
 
 def ppo_loss(logp, old_logp, ref_logp, adv, weight, eps_low, eps_high, beta):
-    """Clipped surrogate (+ k3 KL) per token, all (T,); returns the weighted sum and the clipped fraction."""
+    """Clipped surrogate (+ k3 KL) per token, all (T,); returns the weighted sum and the clipped
+    fraction. (tests/test_grpo.py's naive_loss is the same loss, one sequence at a time.)"""
     ratio = torch.exp(logp - old_logp)
     loss = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
     if beta:
@@ -483,57 +565,86 @@ def ppo_loss(logp, old_logp, ref_logp, adv, weight, eps_low, eps_high, beta):
     return (loss * weight).sum(), clipped.float()
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The update: minibatches of the buffer, gradients accumulated over an optimizer step, AdamW
 
-def shuffled_minibatches(buffer: list[dict], batch_size: int, generator) -> list[list[dict]]:
-    """The questions in random order, each one's samples kept together (so that a minibatch runs each prompt
-    once: see completion_logprobs), cut into minibatches of batch_size samples."""
-    by_question = {}
+def shuffled_minibatches(buffer: list[Sample], batch_size: int, generator) -> list[list[Sample]]:
+    """The questions in random order, each one's samples kept together (so that a minibatch runs
+    each prompt once: see completion_logprobs), cut into minibatches of batch_size samples."""
+    by_prompt = {}
     for s in buffer:
-        by_question.setdefault(tuple(s["prompt"]), []).append(s)
-    questions = list(by_question.values())
-    order = [s for j in torch.randperm(len(questions), generator=generator).tolist() for s in questions[j]]
+        by_prompt.setdefault(tuple(s.prompt), []).append(s)
+    groups = list(by_prompt.values())
+    order = [s for j in torch.randperm(len(groups), generator=generator).tolist()
+             for s in groups[j]]
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def has_gradient(sample: dict, beta: float) -> bool:
-    """Without the KL term a zero advantage makes every token's loss exactly 0 (ratio * 0): such samples (whole
-    groups whose rewards were equal) get no forward or backward pass. They still count in the step's divisor
-    (token_weights), so the loss and its gradient are exactly those of the full buffer."""
-    return sample["advantage"] != 0 or beta > 0
+def has_gradient(sample: Sample, beta: float) -> bool:
+    """Without the KL term a zero advantage makes every token's loss exactly 0 (ratio * 0): such
+    samples (whole groups whose rewards were equal) get no forward or backward pass. They still
+    count in the step's divisor (token_weights), so the loss and its gradient are exactly those of
+    the full buffer."""
+    return sample.advantage != 0 or beta > 0
 
 
-def minibatch_logprobs(model, mb: list[dict], cfg: Config, pad_id: int, device,
+def minibatch_logprobs(model, minibatch: list[Sample], cfg: Config, pad_id: int, device,
                        grad: bool) -> tuple[list, torch.Tensor]:
-    """Each sample's completion log-probs (with or without the graph), and the entropy at every token (T,)."""
+    """Each sample's completion log-probs (with or without the graph), and the entropy at every
+    token (T,)."""
     with torch.set_grad_enabled(grad):
-        logp, entropy = completion_logprobs(model, collate(mb, pad_id, device), cfg.temperature,
+        batch = collate(minibatch, pad_id, device)
+        logp, entropy = completion_logprobs(model, batch, cfg.temperature,
                                             grad and cfg.grad_checkpoint)
-    return list(logp.split([len(s["completion"]) for s in mb])), entropy
+    return list(logp.split([len(s.completion) for s in minibatch])), entropy
 
 
-def accumulate_gradients(model, step_batches: list[list[dict]], old: dict, ref: dict, cfg: Config, pad_id: int,
+def record_old_logprobs(model, minibatches: list[list[Sample]], cfg: Config, pad_id: int,
+                        device) -> None:
+    """Before any weight moves, each sample's old log-probs (the policy that sampled it) and, with
+    the KL, its reference log-probs (LoRA off). The first optimizer step's minibatches get no old
+    log-probs here: their own training pass is the old policy's (accumulate_gradients keeps it)."""
+    trained = [[s for s in mb if has_gradient(s, cfg.beta)] for mb in minibatches]
+    for s in (s for mb in minibatches for s in mb):
+        s.old_logp = s.ref_logp = None
+    logprobs = lambda mb: minibatch_logprobs(model, mb, cfg, pad_id, device, grad=False)[0]
+    for mb in filter(None, trained[cfg.gradient_accumulation_steps:]):
+        for s, logp in zip(mb, logprobs(mb)):
+            s.old_logp = logp
+    if cfg.beta:
+        with lora_disabled(model):
+            for mb in filter(None, trained):
+                for s, logp in zip(mb, logprobs(mb)):
+                    s.ref_logp = logp
+
+
+def accumulate_gradients(model, step_batches: list[list[Sample]], cfg: Config, pad_id: int,
                          device) -> tuple[float, list[float], torch.Tensor]:
-    """Forward + backward over the minibatches of one optimizer step, gradients adding up in .grad. old and ref map
-    id(sample) to its old and reference log-probs; a sample not in `old` is on the policy that sampled it (the first
-    optimizer step), so its old log-probs are this pass's own, detached, and are recorded for later epochs.
-    Returns the step's loss, each minibatch's clipped-token fraction and the entropy at every token it ran."""
-    weights = iter(token_weights([s for mb in step_batches for s in mb], cfg.loss_agg, cfg.max_new_tokens))
-    total, clip_fracs, entropies = 0.0, [], []
+    """Forward + backward over the minibatches of one optimizer step, gradients adding up in .grad.
+    A sample without old log-probs is on the policy that sampled it (the first optimizer step): its
+    old log-probs are this pass's own, detached, and are kept for later epochs. Returns the step's
+    loss, each minibatch's clipped-token fraction and the entropy at every token it ran."""
+    step_samples = [s for mb in step_batches for s in mb]
+    weights = token_weights(step_samples, cfg.loss_agg, cfg.max_new_tokens)
+    weighted = list(zip(step_samples, weights))
+    total, clip_fracs, entropies, start = 0.0, [], [], 0
     for mb in step_batches:
-        weight = [w for s, w in zip(mb, [next(weights) for _ in mb]) if has_gradient(s, cfg.beta)]
-        mb = [s for s in mb if has_gradient(s, cfg.beta)]
-        if not mb:
+        kept = [(s, w) for s, w in weighted[start:start + len(mb)] if has_gradient(s, cfg.beta)]
+        start += len(mb)
+        if not kept:
             continue
+        mb = [s for s, _ in kept]
         logp, entropy = minibatch_logprobs(model, mb, cfg, pad_id, device, grad=True)
         entropies.append(entropy)
         for s, lp in zip(mb, logp):
-            old.setdefault(id(s), lp.detach())
-        cat = lambda key: torch.cat([key[id(s)] for s in mb]).to(device)
-        adv = torch.cat([torch.full_like(lp, s["advantage"]) for s, lp in zip(mb, logp)])  # (T,)
-        loss, clipped = ppo_loss(torch.cat(logp), cat(old), cat(ref) if cfg.beta else None, adv,
-                                 torch.cat(weight).to(device, adv.dtype), cfg.eps_low, cfg.eps_high, cfg.beta)
+            if s.old_logp is None:
+                s.old_logp = lp.detach()
+        old_logp = torch.cat([s.old_logp for s in mb]).to(device)
+        ref_logp = torch.cat([s.ref_logp for s in mb]).to(device) if cfg.beta else None
+        adv = torch.cat([torch.full_like(lp, s.advantage) for s, lp in zip(mb, logp)])  # (T,)
+        weight = torch.cat([w for _, w in kept]).to(device, adv.dtype)
+        loss, clipped = ppo_loss(torch.cat(logp), old_logp, ref_logp, adv, weight, cfg.eps_low,
+                                 cfg.eps_high, cfg.beta)
         loss.backward()
         total += loss.item()
         clip_fracs.append(clipped.mean().item())
@@ -541,10 +652,11 @@ def accumulate_gradients(model, step_batches: list[list[dict]], old: dict, ref: 
 
 
 def warmup_lr(optimizer, params: list, lr: float, warmup_steps: int) -> float:
-    """Set and return the learning rate of the next optimizer step: lr * k / warmup_steps for the k-th of the first
-    warmup_steps, then lr. AdamW's first steps move every weight by about lr whatever the gradient (its moment
-    estimates start from a single gradient); at full size they can make a near-deterministic policy fully
-    deterministic in one step. The count is the optimizer's own, so --resume continues the ramp."""
+    """Set and return the learning rate of the next optimizer step: lr * k / warmup_steps for the
+    k-th of the first warmup_steps, then lr. AdamW's first steps move every weight by about lr
+    whatever the gradient (its moment estimates start from a single gradient); at full size they
+    can make a near-deterministic policy fully deterministic in one step. The count is the
+    optimizer's own, so --resume continues the ramp."""
     state = optimizer.state.get(params[0], {})
     k = int(state["step"]) + 1 if "step" in state else 1
     for param_group in optimizer.param_groups:
@@ -553,60 +665,59 @@ def warmup_lr(optimizer, params: list, lr: float, warmup_steps: int) -> float:
 
 
 def optimizer_step(optimizer, params: list, grad_clip: float) -> float:
-    """Sum the gradients over processes (one sync per optimizer step), clip them and step; no step if their norm
-    is not finite: one bad batch must not poison the weights (the verdict is the same on every rank). Returns
-    the norm."""
+    """Sum the gradients over processes (one sync per optimizer step), clip them and step; no step
+    if their norm is not finite: one bad batch must not poison the weights (the verdict is the same
+    on every rank). Returns the norm."""
     if ddp.rank_world()[1] > 1:
-        flat = ddp.all_sum(torch.cat([torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten()
-                                      for p in params]))
+        flat = ddp.all_sum(torch.cat([torch.zeros_like(p).flatten() if p.grad is None
+                                      else p.grad.flatten() for p in params]))
         for p, g in zip(params, flat.split([p.numel() for p in params])):
             p.grad = g.view_as(p)
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")).item()
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    norm = norm.item()
     if math.isfinite(norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
 
 
-def update(model, optimizer, buffer: list[dict], cfg: Config, pad_id: int, generator, device) -> dict:
+def update(model, optimizer, buffer: list[Sample], cfg: Config, pad_id: int, generator,
+           device) -> dict:
     """ppo_epochs passes of shuffled minibatches over the buffer; an optimizer step every
     gradient_accumulation_steps minibatches (the last step of a pass may have fewer)."""
     params = [p for p in model.parameters() if p.requires_grad]
     lr = warmup_lr(optimizer, params, cfg.learning_rate, cfg.warmup_steps)
-    stats = {"loss": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "optimizer_steps": 0, "skipped_steps": 0, "lr": lr,
-             "entropy": float("nan")}
-    if not ddp.all_sum(torch.tensor(sum(s["advantage"] != 0 for s in buffer))) and not cfg.beta:
-        print("every advantage in this buffer is 0 (each group's rewards were equal): no update this step", flush=True)
+    stats = {"loss": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "optimizer_steps": 0,
+             "skipped_steps": 0, "lr": lr, "entropy": float("nan")}
+    if not ddp.all_sum(torch.tensor(sum(s.advantage != 0 for s in buffer))) and not cfg.beta:
+        print("every advantage in this buffer is 0 (each group's rewards were equal): no update "
+              "this step", flush=True)
         return stats
-    local_batch = cfg.batch_size // ddp.rank_world()[1]  # each process takes its share of every minibatch
-    losses, clips, norms, k = [], [], [], cfg.gradient_accumulation_steps
+    local_batch = cfg.batch_size // ddp.rank_world()[1]  # each process takes its share
+    accum = cfg.gradient_accumulation_steps
+    losses, clips, norms = [], [], []
     entropy = torch.zeros(2, dtype=torch.float64)  # sum and count of the trained tokens' entropies
-    with frozen_linears(model, rows=1024, training=True):  # the base weights stay fixed all update long
+    # the base weights stay fixed all update long: packed once (rows: a layout hint, not a limit)
+    with frozen_linears(model, rows=1024, training=True):
         minibatches = shuffled_minibatches(buffer, local_batch, generator)
-        # Old (and reference) log-probs, before any weight moves. The first optimizer step's own forward passes are
-        # the old policy's, so only the minibatches of later steps need a pass of their own.
-        old, ref = {}, {}
-        for i, mb in enumerate(minibatches):
-            mb = [s for s in mb if has_gradient(s, cfg.beta)]
-            if mb and i >= k:
-                old.update(zip(map(id, mb), minibatch_logprobs(model, mb, cfg, pad_id, device, grad=False)[0]))
-            if mb and cfg.beta:
-                with lora_disabled(model):
-                    ref.update(zip(map(id, mb), minibatch_logprobs(model, mb, cfg, pad_id, device, grad=False)[0]))
+        record_old_logprobs(model, minibatches, cfg, pad_id, device)
         bar = ddp.progress(total=cfg.ppo_epochs * len(minibatches), desc="update")
         for epoch in range(cfg.ppo_epochs):
             if epoch > 0:
                 minibatches = shuffled_minibatches(buffer, local_batch, generator)
-            for i in range(0, len(minibatches), k):
-                loss, clip_fracs, token_entropy = accumulate_gradients(model, minibatches[i:i + k], old, ref, cfg,
+            for i in range(0, len(minibatches), accum):
+                step_batches = minibatches[i:i + accum]
+                loss, clip_fracs, token_entropy = accumulate_gradients(model, step_batches, cfg,
                                                                        pad_id, device)
-                entropy += torch.tensor([token_entropy.sum().item(), len(token_entropy)], dtype=torch.float64)
+                entropy += torch.tensor([token_entropy.sum().item(), len(token_entropy)],
+                                        dtype=torch.float64)
                 stats["lr"] = warmup_lr(optimizer, params, cfg.learning_rate, cfg.warmup_steps)
                 norm = optimizer_step(optimizer, params, cfg.grad_clip)
-                bar.update(len(minibatches[i:i + k]))
+                bar.update(len(step_batches))
                 if not math.isfinite(norm):
                     stats["skipped_steps"] += 1
-                    bar.write(f"non-finite loss or gradient (loss {loss}, grad norm {norm}): optimizer step skipped")
+                    bar.write(f"non-finite loss or gradient (loss {loss}, grad norm {norm}): "
+                              "optimizer step skipped")
                     continue
                 losses.append(ddp.all_sum(torch.tensor(loss)).item())
                 clips += clip_fracs
@@ -615,58 +726,71 @@ def update(model, optimizer, buffer: list[dict], cfg: Config, pad_id: int, gener
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
     entropy_sum, entropy_count = ddp.all_sum(entropy).tolist()
     return {**stats, "loss": mean(losses), "clip_frac": mean(clips), "grad_norm": mean(norms),
-            "optimizer_steps": len(losses), "entropy": entropy_sum / entropy_count if entropy_count else float("nan")}
+            "optimizer_steps": len(losses),
+            "entropy": entropy_sum / entropy_count if entropy_count else float("nan")}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Evaluation: greedy answers to held-out questions and, with --eval_samples K, K sampled answers to each
+# --------------------------------------------------------------------------------------------------
+# Evaluation: greedy answers to held-out questions and, with --eval_samples K, K sampled answers
 
 @torch.no_grad()
-def evaluate(model, tok, entries: list[dict], score_fn, max_new_tokens: int, samples: int = 0, temperature: float = 1.0,
-             top_p: float = 1.0, batch: int = 32) -> tuple[dict, list[dict]]:
-    """Greedy answers to `entries` (each process answers its share): accuracy, format rate, lengths, each accuracy
-    with its standard error. samples = K > 0: also K answers per question sampled at `temperature` (the same seed
-    in every eval, so two checkpoints draw from the same random stream): mean@K, pass@K and the mixed rate, the
-    share of questions whose K answers are neither all right nor all wrong (the questions GRPO learns from)."""
+def evaluate(model, tok, entries: list[dict], score_fn, max_new_tokens: int, k_sampled: int = 0,
+             temperature: float = 1.0, top_p: float = 1.0,
+             batch: int = 32) -> tuple[dict, list[dict]]:
+    """Greedy answers to `entries` (each process answers its share): accuracy, format rate,
+    lengths, each accuracy with its standard error. k_sampled = K > 0: also K answers per question
+    sampled at `temperature` (the same seed in every eval, so two checkpoints draw from the same
+    random stream): mean@K, pass@K and the mixed rate, the share of questions whose K answers are
+    neither all right nor all wrong (the questions GRPO learns from)."""
     rank, world = ddp.rank_world()
-    all_entries, entries, rows = entries, entries[rank::world], []
-    generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(EVAL_SEED + rank)
-    for i in ddp.progress(iterable=range(0, len(entries), batch), desc="eval"):
-        chunk = entries[i:i + batch]
-        prompts = [R.encode_prompt(tok, e["question"]) for e in chunk]
-        completions, truncated = generate(model, prompts, 1, max_new_tokens, 0.0, 1.0, tok.eos_token_id)  # greedy
-        sampled = generate(model, prompts, samples, max_new_tokens, temperature, top_p, tok.eos_token_id,
-                           generator)[0] if samples else []
-        for j, (e, c, tr) in enumerate(zip(chunk, completions, truncated)):
-            text = tok.decode(c, skip_special_tokens=True)
-            rows.append(dict(R.score_completion(text, e, score_fn), question=e["question"], reference=e["answer"],
-                             text=text, length=len(c), truncated=tr, source=T.source(e)))
-            if samples:
-                texts = [tok.decode(s, skip_special_tokens=True) for s in sampled[j * samples:(j + 1) * samples]]
-                rows[-1]["sampled_correct"] = sum(R.score_completion(t, e, score_fn)["correct"] for t in texts)
+    mine, rows = entries[rank::world], []
+    generator = torch.Generator(device=model.lm_head.weight.device)
+    generator.manual_seed(tasks.EVAL_SEED + rank)
+    for i in ddp.progress(iterable=range(0, len(mine), batch), desc="eval"):
+        chunk = mine[i:i + batch]
+        prompts = [reward.encode_prompt(tok, e["question"]) for e in chunk]
+        completions, truncated = generate(model, prompts, 1, max_new_tokens, temperature=0.0,
+                                          top_p=1.0, eos_id=tok.eos_token_id)  # greedy
+        if k_sampled:
+            sampled = generate(model, prompts, k_sampled, max_new_tokens, temperature, top_p,
+                               tok.eos_token_id, generator)[0]
+        for j, (entry, completion) in enumerate(zip(chunk, completions)):
+            text = tok.decode(completion, skip_special_tokens=True)
+            rows.append(dict(reward.score_completion(text, entry, score_fn),
+                             question=entry["question"], reference=entry["answer"], text=text,
+                             length=len(completion), truncated=truncated[j],
+                             source=tasks.source(entry)))
+            if k_sampled:
+                texts = [tok.decode(s, skip_special_tokens=True)
+                         for s in sampled[j * k_sampled:(j + 1) * k_sampled]]
+                rows[-1]["sampled_correct"] = sum(reward.score_completion(t, entry, score_fn)["correct"]
+                                                  for t in texts)
     rows = ddp.gather(rows)
-    return report.eval_metrics(rows, [str(e["answer"]) for e in all_entries], samples), rows
+    return report.eval_metrics(rows, [str(e["answer"]) for e in entries], k_sampled), rows
 
 
-def buffer_stats(buffer: list[dict]) -> dict:
-    """Reward and completion statistics of the step's samples, over all processes (report.sample_stats)."""
-    return report.sample_stats(ddp.gather([{**{k: s[k] for k in report.SAMPLE_STATS}, "length": len(s["completion"])}
-                                           for s in buffer]))
+def buffer_stats(samples: list[Sample]) -> dict:
+    """Reward and completion statistics of the step's samples, over all processes."""
+    return report.sample_stats(ddp.gather([s.row() for s in samples]))
 
 
-def eval_step(model, tok, eval_entries, score_fn, cfg: Config, step: int, eval_start, run: rundir.Run) -> tuple:
-    """Evaluate, pair the verdicts with step 0's, print the line, keep a few answers. Returns (metrics, verdicts)."""
-    metrics, rows = evaluate(model, tok, eval_entries, score_fn, cfg.max_new_tokens, cfg.eval_samples,
-                             cfg.temperature, cfg.top_p)
+def eval_step(model, tok, eval_set, eval_entries, cfg: Config, run: rundir.Run, step: int,
+              start_verdicts=None) -> tuple:
+    """Evaluate, pair the verdicts with step 0's, print the line, keep a few answers. Returns
+    (metrics, verdicts)."""
+    metrics, rows = evaluate(model, tok, eval_entries, eval_set.score_answer, cfg.max_new_tokens,
+                             k_sampled=cfg.eval_samples, temperature=cfg.temperature,
+                             top_p=cfg.top_p)
     verdicts = [r["correct"] for r in rows]
-    if eval_start and step > 0:
-        metrics.update(report.paired_gain(eval_start, verdicts))
+    if start_verdicts and step > 0:
+        metrics.update(report.paired_gain(start_verdicts, verdicts))
     print(report.eval_line(metrics), flush=True)
-    run.samples([{"step": step, "split": "eval", **r} for r in (rows if cfg.eval_only else rows[:8])])
+    kept = rows if cfg.eval_only else rows[:8]
+    run.samples([{"step": step, "split": "eval", **r} for r in kept])
     return metrics, verdicts
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The loop
 
 def main(cfg: Config):
@@ -675,67 +799,78 @@ def main(cfg: Config):
     device = ddp.init(device)
     rank, world = ddp.rank_world()
     run = rundir.Run(cfg.out_dir, cfg.resume, cfg.overwrite, write=rank == 0, cfg=cfg)
-    ckpt = rundir.read_checkpoint(run.ckpt_path if cfg.resume else cfg.init_from, cfg) \
-        if cfg.resume or cfg.init_from else None
+    ckpt = None
+    if cfg.resume:
+        ckpt = rundir.read_checkpoint(run.ckpt_path, cfg)
+    elif cfg.init_from:
+        ckpt = rundir.read_checkpoint(cfg.init_from, cfg)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)  # each process samples differently
-    train_set = T.make_task(cfg.task, 10**8, cfg.seed)
-    eval_set, eval_entries = T.held_out(cfg.eval_task or cfg.task, cfg.eval_size, cfg.eval_seed)
-    questions = T.Questions(train_set, held_out={e["question"] for e in eval_entries})  # never an eval question
-    pool = T.Pool(cfg.pool_size, cfg.retire_after) if cfg.pool_size else None
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)  # each samples its own
+    train_set = tasks.make_task(cfg.task, TRAIN_QUESTIONS, cfg.seed)
+    eval_set, eval_entries = tasks.held_out(cfg.eval_task or cfg.task, cfg.eval_size, cfg.eval_seed)
+    eval_questions = {e["question"] for e in eval_entries}
+    questions = tasks.Questions(train_set, held_out=eval_questions)  # never an eval question
+    pool = tasks.Pool(cfg.pool_size, cfg.retire_after) if cfg.pool_size else None
     model, tok = weights.load(cfg.model, device, dtype, why)
     if device == "cpu":
         keep_freed_memory()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    check_context(model, [R.encode_prompt(tok, e["question"]) for e in eval_entries], cfg.max_new_tokens)
+    eval_prompts = [reward.encode_prompt(tok, e["question"]) for e in eval_entries]
+    check_context(model, eval_prompts, cfg.max_new_tokens)
     apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
     params = [p for p in model.parameters() if p.requires_grad]
-    print(f"trainable: {sum(p.numel() for p in params) / 1e6:.2f}M params (LoRA r {cfg.lora_r}; 0: the full model)")
+    print(f"trainable: {sum(p.numel() for p in params) / 1e6:.2f}M params (LoRA r {cfg.lora_r}; "
+          "0: the full model)")
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    step, eval_start = 0, None
+    step, start_verdicts = 0, None
     if ckpt:
         rundir.load_weights(model, ckpt)
         print(f"initialised from {cfg.init_from}" if cfg.init_from else f"resumed from {run.ckpt_path}")
     if cfg.resume:
-        step, eval_start = rundir.restore(ckpt, optimizer, questions, pool, generator, rank)
+        step, start_verdicts = rundir.restore(ckpt, optimizer, questions, pool, generator, rank)
 
-    if cfg.no_signal_steps and not ckpt and not cfg.eval_only:  # a fresh model: do 32 answers show the tags at all?
-        probe = evaluate(model, tok, eval_entries[:32], eval_set.score_answer, cfg.max_new_tokens)[0]
-        report.stop_without_signal([probe], cfg.no_signal_steps, cfg.task)
+    if cfg.no_signal_steps and not ckpt and not cfg.eval_only:  # a fresh model: any tags at all?
+        probe = evaluate(model, tok, eval_entries[:32], eval_set.score_answer, cfg.max_new_tokens)
+        report.stop_without_signal([probe[0]], cfg.no_signal_steps, cfg.task)
     run.save_config(flags.to_toml(cfg, "grpo"))
     if cfg.eval_only or step == 0:
-        metrics, eval_start = eval_step(model, tok, eval_entries, eval_set.score_answer, cfg, step, None, run)
+        metrics, start_verdicts = eval_step(model, tok, eval_set, eval_entries, cfg, run, step)
         run.log({"step": step, **metrics})
         if cfg.eval_only:
             return
-        report.stop_without_signal(run.rows, cfg.no_signal_steps, cfg.task)  # no well-formed answer: stop
+        report.stop_without_signal(run.rows, cfg.no_signal_steps, cfg.task)  # nothing well-formed
         print(report.before_training(metrics), end="")
     stop = rundir.StopOnSignal()  # SIGTERM or Ctrl-C: finish the step, checkpoint, exit
     while step < cfg.max_steps:
         t0 = time.time()
-        # 1) rollout until the buffer is full: G completions per question, rewards, group advantages
-        buffer, sampled, fill_stats = fill_buffer(model, tok, questions, pool, cfg, generator, f"rollout {step + 1}")
+        # 1) rollout until the buffer is full: G completions per question, rewards, advantages
+        buffer, sampled, fill_stats = fill_buffer(model, tok, questions, pool, cfg, generator,
+                                                  desc=f"rollout {step + 1}")
         sample_s = time.time() - t0
         # 2) update the policy on minibatches of the buffer
         stats = update(model, optimizer, buffer, cfg, pad_id, generator, device)
         step += 1
         # 3) log the step (and evaluate)
-        row = {"step": step, **buffer_stats(sampled), **fill_stats, **stats, "step_s": time.time() - t0,
-               "sample_s": sample_s}
-        row.update(tokens_per_s=row["n_tokens"] / row["step_s"], sample_tokens_per_s=row["n_tokens"] / sample_s)
-        print(report.step_line(row, cfg.max_steps, cfg.max_new_tokens) + report.collapse_warnings(run.rows + [row]),
-              flush=True)
+        row = {"step": step, **buffer_stats(sampled), **fill_stats, **stats,
+               "step_s": time.time() - t0, "sample_s": sample_s}
+        row["tokens_per_s"] = row["n_tokens"] / row["step_s"]
+        row["sample_tokens_per_s"] = row["n_tokens"] / sample_s
+        warnings = report.collapse_warnings(run.rows + [row])
+        print(report.step_line(row, cfg.max_steps, cfg.max_new_tokens) + warnings, flush=True)
         if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
-            row.update(eval_step(model, tok, eval_entries, eval_set.score_answer, cfg, step, eval_start, run)[0])
+            metrics, _ = eval_step(model, tok, eval_set, eval_entries, cfg, run, step, start_verdicts)
+            row.update(metrics)
         run.log(row)
-        run.samples([{"step": step, "split": "train", **{k: s[k] for k in rundir.SAMPLE_KEYS}}
-                     for s in sampled[:cfg.G]])  # one question's group: its completions side by side
+        group = [s.row() for s in sampled[:cfg.G]]  # one question's completions side by side
+        run.samples([{"step": step, "split": "train", **{k: r[k] for k in rundir.SAMPLE_KEYS}}
+                     for r in group])
         # 4) checkpoint; a signal is read by all processes together, after the step
-        stopping, stalled = stop.requested(), report.no_signal(run.rows, cfg.no_signal_steps, cfg.task)
+        stopping = stop.requested()
+        stalled = report.no_signal(run.rows, cfg.no_signal_steps, cfg.task)
         if step % cfg.save_interval == 0 or step == cfg.max_steps or stopping or stalled:
-            run.save_checkpoint(trainable_state_dict(model), optimizer, cfg, step, questions, generator, pool,
-                                eval_start)
+            run.save_checkpoint(trainable_state_dict(model), optimizer, cfg, step, questions,
+                                generator, pool=pool, eval_start=start_verdicts)
         if stalled:
             fail(stalled)  # one line, exit 2: the checkpoint and the log stay valid
         if stopping:

@@ -93,7 +93,7 @@ def main(args: SampleConfig):
     if args.prompt:
         entries, score = [{"question": args.prompt, "answer": None}], None
     else:
-        task, entries = T.held_out(args.task or cfg.task, args.n, grpo.EVAL_SEED)
+        task, entries = T.held_out(args.task or cfg.task, args.n)
         score = task.score_answer
     prompts = [R.encode_prompt(tok, e["question"]) for e in entries]
     completions, _ = grpo.generate(model, prompts, 1, args.max_new_tokens, args.temperature, 1.0, tok.eos_token_id,

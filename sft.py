@@ -186,7 +186,9 @@ def self_examples(model, tok, entries: list[dict], cfg: SFTConfig, score_fn) -> 
         chunk = entries[i:i + 8]
         prompts = [R.encode_prompt(tok, TEACHER_PROMPT.format(question=e["question"], answer=e["answer"]))
                    for e in chunk]
-        completions, _ = grpo.generate(model, prompts, cfg.self_samples, 200, 0.7, 0.95, tok.eos_token_id, generator)
+        completions, _ = grpo.generate(model, prompts, cfg.self_samples, max_new_tokens=200,
+                                       temperature=0.7, top_p=0.95, eos_id=tok.eos_token_id,
+                                       generator=generator)
         for j, e in enumerate(chunk):
             for c in completions[j * cfg.self_samples:(j + 1) * cfg.self_samples]:
                 text = tok.decode(c, skip_special_tokens=True).strip()
@@ -271,18 +273,18 @@ def verified(examples: list[dict], score_fn) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------
 # Training: the GRPO trainer's collate and log-prob code, with loss = -mean log-prob of the response tokens
 
-def to_sample(tok, ex: dict) -> dict:
+def to_sample(tok, ex: dict) -> grpo.Sample:
     response = tok(ex["response"], add_special_tokens=False).input_ids + [tok.eos_token_id]
-    return {"prompt": R.encode_prompt(tok, ex["question"]), "completion": response}
+    return grpo.Sample(prompt=R.encode_prompt(tok, ex["question"]), completion=response)
 
 
-def sft_loss(model, samples: list[dict], weights: torch.Tensor, pad_id: int, device) -> torch.Tensor:
+def sft_loss(model, samples: list[grpo.Sample], weights: torch.Tensor, pad_id: int, device) -> torch.Tensor:
     """Weighted negative log-likelihood of the completion tokens only; prompts carry no loss."""
     logp, _ = grpo.completion_logprobs(model, grpo.collate(samples, pad_id, device), temperature=1.0)
     return -(logp * weights.to(device, logp.dtype)).sum()
 
 
-def train(model, tok, samples: list[dict], cfg: SFTConfig, device):
+def train(model, tok, samples: list[grpo.Sample], cfg: SFTConfig, device):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps
@@ -324,7 +326,7 @@ def main(cfg: SFTConfig):
         fail("--teacher needs --teacher_model (the model name the endpoint serves)")
     rundir.claim(cfg.out_dir, False, cfg.overwrite, markers=("ckpt.pt",))  # an unfinished one's teacher cache is reused
     train_set = T.make_task(cfg.task, 10**8, cfg.seed)
-    eval_set, eval_entries = T.held_out(cfg.task, cfg.eval_size, grpo.EVAL_SEED)
+    eval_set, eval_entries = T.held_out(cfg.task, cfg.eval_size)
     held_out = {e["question"] for e in eval_entries}
     model, tok = weights.load(cfg.model, device, dtype, why)
     if device == "cpu":

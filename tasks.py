@@ -18,6 +18,8 @@ import random
 
 from flags import fail
 
+EVAL_SEED = 10**9  # the held-out questions: a seed far from any training seed, the same in every run
+
 
 def split_top_level(spec: str) -> list[str]:
     """Split at the commas outside brackets: a setting's value may be a JSON list (weights=[1,0,0])."""
@@ -155,9 +157,9 @@ def eval_entries(task, size: int) -> list[dict]:
     return entries
 
 
-def held_out(spec: str, size: int, seed: int) -> tuple:
-    """The held-out task and its first `size` distinct questions; the task is built 4x larger to leave room for the
-    questions a small task repeats (a JSONL file is read whole)."""
+def held_out(spec: str, size: int, seed: int = EVAL_SEED) -> tuple:
+    """The held-out task and its first `size` distinct questions; the task is built 4x larger to leave
+    room for the questions a small task repeats (a JSONL file is read whole)."""
     task = make_task(spec, 4 * size, seed)
     return task, eval_entries(task, size)
 

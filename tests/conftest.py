@@ -110,11 +110,11 @@ def tiny_model_dir(tmp_path_factory):
     return str(path)
 
 
-def padded_sequences(samples: list[dict], pad_id: int = EOS):
+def padded_sequences(samples: list, pad_id: int = EOS):
     """The plain layout, for reference computations: prompt + completion of each sample right-padded into one
     row. Returns ids, mask (N, L), `predicts` (N, L): True where the next token is a completion token, and the
     completion tokens in order (T,)."""
-    seqs = [s["prompt"] + s["completion"] for s in samples]
+    seqs = [s.prompt + s.completion for s in samples]
     L = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), L, dtype=torch.long)
@@ -122,6 +122,13 @@ def padded_sequences(samples: list[dict], pad_id: int = EOS):
     for i, (s, seq) in enumerate(zip(samples, seqs)):
         ids[i, :len(seq)] = torch.tensor(seq)
         mask[i, :len(seq)] = 1
-        predicts[i, len(s["prompt"]) - 1: len(seq) - 1] = True
-    targets = torch.tensor([t for s in samples for t in s["completion"]], dtype=torch.long)
+        predicts[i, len(s.prompt) - 1: len(seq) - 1] = True
+    targets = torch.tensor([t for s in samples for t in s.completion], dtype=torch.long)
     return ids, mask, predicts, targets
+
+
+def on_policy(samples: list) -> list:
+    """The samples with no old log-probs recorded: the next training pass is the sampling policy's."""
+    for s in samples:
+        s.old_logp = None
+    return samples

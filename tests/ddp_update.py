@@ -24,7 +24,7 @@ for p in model.parameters():
         p.data = torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1
 prompts = [[1, 5, 9, 17], [1, 44, 3]]
 completions, _ = grpo.generate(model, prompts, 4, 10, 1.0, 1.0, EOS, torch.Generator().manual_seed(1))
-buffer = [{"prompt": prompts[i // 4], "completion": c, "advantage": float(torch.randn(1, generator=g))}
+buffer = [grpo.Sample(prompts[i // 4], c, advantage=float(torch.randn(1, generator=g)))
           for i, c in enumerate(completions)]
 cfg = dataclasses.replace(grpo.Config(), batch_size=4, gradient_accumulation_steps=2, max_new_tokens=10,
                           loss_agg=sys.argv[2], learning_rate=1e-2)

@@ -8,7 +8,7 @@ import torch
 import grpo
 import packed
 import weights
-from conftest import EOS, logits, tiny_model
+from conftest import EOS, logits, on_policy, tiny_model
 from test_grpo import PROMPTS, SHARED_PREFIX, cfg_for, make_buffer
 
 TOL = 0.05  # largest bf16 error seen here 0.023; the nearest mistake 0.12
@@ -57,7 +57,7 @@ def test_bf16_log_probs_and_lora_gradients_match_float64():
     assert lp16.dtype == torch.float32 and (lp16.double() - lp64).abs().max() < 0.03
 
     def grads(m):
-        grpo.accumulate_gradients(m, [buffer], {}, {}, cfg_for(), EOS, "cpu")
+        grpo.accumulate_gradients(m, [on_policy(buffer)], cfg_for(), EOS, "cpu")
         return torch.cat([p.grad.double().flatten() for p in m.parameters() if p.requires_grad])
 
     g16, g64 = grads(m16), grads(m64)

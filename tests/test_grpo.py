@@ -14,7 +14,7 @@ import model as M
 import packed
 import report
 import rundir
-from conftest import EOS, hf_twin, logits, padded_sequences, tiny_model
+from conftest import EOS, hf_twin, logits, on_policy, padded_sequences, tiny_model
 from flags import BadInput
 
 PROMPTS = [[1, 5, 9, 17, 33], [1, 44], [1, 7, 7, 90, 12, 3, 60, 61]]  # different lengths: left padding matters
@@ -191,13 +191,13 @@ def make_buffer(model, G=4, max_new_tokens=12, seed=0):
     """Sampled completions of the tiny model with fake advantages, as rollout() would store them."""
     completions, _ = grpo.generate(model, PROMPTS, G, max_new_tokens, 1.0, 1.0, EOS, torch.Generator().manual_seed(seed))
     g = torch.Generator().manual_seed(seed)
-    return [{"prompt": PROMPTS[i // G], "completion": c, "advantage": float(torch.randn(1, generator=g))}
+    return [grpo.Sample(PROMPTS[i // G], c, advantage=float(torch.randn(1, generator=g)))
             for i, c in enumerate(completions)]
 
 
 def test_collate_runs_each_prompt_once_and_masks_exactly_the_completion():
-    samples = [{"prompt": [1, 5, 9], "completion": [7, EOS]}, {"prompt": [1], "completion": [4, 4, 4, 4, EOS]},
-               {"prompt": [1, 5, 9], "completion": [EOS]}]
+    samples = [grpo.Sample([1, 5, 9], [7, EOS]), grpo.Sample([1], [4, 4, 4, 4, EOS]),
+               grpo.Sample([1, 5, 9], [EOS])]
     prompt_ids, prompt_mask, which, ids, mask, targets = grpo.collate(samples, EOS, "cpu")
     assert prompt_ids.tolist() == [[1, 5, 9], [1, EOS, EOS]] and prompt_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     assert which.tolist() == [0, 1, 0]
@@ -275,10 +275,10 @@ def test_the_first_step_keeps_its_own_log_probs_as_the_old_ones_for_later_epochs
     minibatches = grpo.shuffled_minibatches(make_buffer(model), cfg.batch_size, torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected, _ = grpo.completion_logprobs(model, grpo.collate(minibatches[0], EOS, "cpu"), cfg.temperature)
-    old = {}
-    grpo.accumulate_gradients(model, minibatches[:1], old, {}, cfg, EOS, "cpu")
-    assert set(old) == {id(s) for s in minibatches[0]}
-    assert torch.equal(torch.cat([old[id(s)] for s in minibatches[0]]), expected)
+    grpo.accumulate_gradients(model, minibatches[:1], cfg, EOS, "cpu")
+    assert all(s.old_logp is not None for s in minibatches[0])
+    assert all(s.old_logp is None for mb in minibatches[1:] for s in mb)
+    assert torch.equal(torch.cat([s.old_logp for s in minibatches[0]]), expected)
 
 
 def test_training_through_packed_base_weights_gives_the_same_loss_and_gradient():
@@ -301,7 +301,7 @@ def test_training_through_packed_base_weights_gives_the_same_loss_and_gradient()
                 frozen = [m.base for m in model.modules() if isinstance(m, grpo.LoRALinear)]
                 assert all(isinstance(f, packed.FrozenLinear) for f in frozen)
                 assert all(f.packed_t is not None for f in frozen) == packed.packing_works()
-            loss, _, _ = grpo.accumulate_gradients(model, [buffer], {}, {}, cfg, EOS, "cpu")
+            loss, _, _ = grpo.accumulate_gradients(model, [on_policy(buffer)], cfg, EOS, "cpu")
         return loss, [p.grad.clone() for p in params]
 
     plain_loss, plain = grads(False)
@@ -312,16 +312,16 @@ def test_training_through_packed_base_weights_gives_the_same_loss_and_gradient()
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-6), (a - b).abs().max()
 
 
-def naive_loss(model, samples, old, cfg):
+def naive_loss(model, samples, cfg):
     """The unoptimized reference: each prompt + completion run whole through the model on its own (no cache, no
     padding), full log-softmax, plain averages."""
     per_seq = []
     for s in samples:
-        p = len(s["prompt"])
-        logp_all = (logits(model, torch.tensor([s["prompt"] + s["completion"]]))[0] / cfg.temperature).log_softmax(-1)
-        logp = logp_all[p - 1:-1].gather(-1, torch.tensor(s["completion"])[:, None])[:, 0]
-        ratio = torch.exp(logp - old[id(s)])
-        A = s["advantage"]
+        p = len(s.prompt)
+        logp_all = (logits(model, torch.tensor([s.prompt + s.completion]))[0] / cfg.temperature).log_softmax(-1)
+        logp = logp_all[p - 1:-1].gather(-1, torch.tensor(s.completion)[:, None])[:, 0]
+        ratio = torch.exp(logp - s.old_logp)
+        A = s.advantage
         per_seq.append(-torch.min(ratio * A, ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high) * A))
     if cfg.loss_agg == "seq":
         return torch.stack([t.mean() for t in per_seq]).mean()
@@ -340,11 +340,12 @@ def test_grad_accumulation_matches_big_batch_and_the_naive_loss(loss_agg):
             p.data.normal_(0, 0.05)
     buffer = make_buffer(model)
     for s in buffer[4:8]:  # one question whose rewards were all equal: skipped, yet counted in the divisor
-        s["advantage"] = 0.0
+        s.advantage = 0.0
     cfg = cfg_for(loss_agg=loss_agg)
     with torch.no_grad():  # the old policy
         logp, _ = grpo.completion_logprobs(model, grpo.collate(buffer, EOS, "cpu"), cfg.temperature)
-    old = {id(s): o for s, o in zip(buffer, logp.split([len(s["completion"]) for s in buffer]))}
+    for s, old_logp in zip(buffer, logp.split([len(s.completion) for s in buffer])):
+        s.old_logp = old_logp
     with torch.no_grad():  # move the policy so that ratios differ from 1 and some get clipped
         for p in model.parameters():
             if p.requires_grad:
@@ -353,7 +354,7 @@ def test_grad_accumulation_matches_big_batch_and_the_naive_loss(loss_agg):
 
     def grads(step_batches):
         model.zero_grad()
-        grpo.accumulate_gradients(model, step_batches, old, {}, cfg, EOS, "cpu")
+        grpo.accumulate_gradients(model, step_batches, cfg, EOS, "cpu")
         return [p.grad.clone() for p in params]
 
     rows = []  # sequences the model actually runs
@@ -365,7 +366,7 @@ def test_grad_accumulation_matches_big_batch_and_the_naive_loss(loss_agg):
     for a, b in zip(big, micro):
         assert torch.allclose(a, b, atol=1e-12), (a - b).abs().max()
     model.zero_grad()
-    naive_loss(model, buffer, old, cfg).backward()
+    naive_loss(model, buffer, cfg).backward()
     for a, p in zip(big, params):
         assert torch.allclose(a, p.grad, atol=1e-12), (a - p.grad).abs().max()
     assert any(g.abs().sum() > 0 for g in big)
@@ -454,7 +455,7 @@ def test_lora_disabled_gives_the_base_model_and_merge_equals_the_adapter(tiny):
 
 
 def test_token_weights_sum_to_the_aggregate_divisor():
-    samples = [{"completion": [0] * 3}, {"completion": [0] * 5}]
+    samples = [grpo.Sample([1], [0] * 3), grpo.Sample([1], [0] * 5)]
     seq = grpo.token_weights(samples, "seq", 10)
     assert [w.sum().item() for w in seq] == pytest.approx([0.5, 0.5])
     token = grpo.token_weights(samples, "token", 10)
@@ -522,7 +523,7 @@ def test_gradient_checkpointing_gives_the_same_gradient():
         calls = []  # block forward passes: the completion pass runs each block again in backward
         for block in model.model.layers:
             block.register_forward_pre_hook(lambda m, a: calls.append(1))
-        grpo.accumulate_gradients(model, [buffer], {}, {}, cfg, EOS, "cpu")
+        grpo.accumulate_gradients(model, [buffer], cfg, EOS, "cpu")
         assert len(calls) == 2 * 3 if checkpointing else 2 * 2  # 2 blocks x (prompts, completions, recompute)
         return [p.grad for p in model.parameters() if p.requires_grad]
 
@@ -582,9 +583,9 @@ def test_most_correctness_from_partial_credit_is_warned_about():
 
 def test_buffer_stats_split_lengths_by_verdict_and_count_partial_credit():
     def sample(correct, n, score, correctness):
-        return {"reward": 0.0, "correct": correct, "format": 1.0, "truncated": False, "length_reward": 0.0,
-                "overlong": 0.0, "difficulty_bonus": 0.0, "advantage": 0.5, "completion": [1] * n, "score": score,
-                "correctness": correctness}
+        scores = {"reward": 0.0, "correct": correct, "format": 1.0, "length_reward": 0.0, "overlong": 0.0,
+                  "difficulty_bonus": 0.0, "score": score, "correctness": correctness}
+        return grpo.Sample([0], [1] * n, advantage=0.5, scores=scores)
 
     stats = grpo.buffer_stats([sample(True, 40, 1.0, 1.0), sample(False, 60, 0.5, 0.5), sample(False, 80, 0.0, 0.0),
                                sample(False, 100, 0.2, 0.0)])
@@ -617,16 +618,17 @@ def test_the_random_reward_control_keeps_the_rate_and_drops_the_verdicts(seed, m
     entries = [{"question": "q1", "answer": "8"}, {"question": "q2", "answer": "8"}]
     score = lambda answer, entry: float(answer == entry["answer"])
     real = grpo.rollout(model, WordTokenizer(), entries, score, grpo.Config(G=4), torch.Generator().manual_seed(seed))
-    assert [s["correctness"] for s in real] == [1.0, 0, 0, 0, 0, 1.0, 0, 0]
+    assert [s.scores["correctness"] for s in real] == [1.0, 0, 0, 0, 0, 1.0, 0, 0]
     control = grpo.rollout(model, WordTokenizer(), entries, score, grpo.Config(G=4, random_reward=True),
                            torch.Generator().manual_seed(seed))
     coins = torch.rand(8, generator=torch.Generator().manual_seed(seed)).tolist()  # the control's draws
-    assert [s["correctness"] for s in control] == [float(c < 2 / 8) for c in coins]
-    assert [s["correct"] for s in control] == [s["correct"] for s in real]  # metrics still see the real verdicts
-    assert all(s["reward"] == pytest.approx(0.85 * s["correctness"] + 0.15) for s in control)
+    assert [s.scores["correctness"] for s in control] == [float(c < 2 / 8) for c in coins]
+    # metrics still see the real verdicts
+    assert [s.scores["correct"] for s in control] == [s.scores["correct"] for s in real]
+    assert all(s.scores["reward"] == pytest.approx(0.85 * s.scores["correctness"] + 0.15) for s in control)
     for b in (0, 4):  # advantages from the control's rewards
-        group = torch.tensor([[s["reward"] for s in control[b:b + 4]]])
-        assert [s["advantage"] for s in control[b:b + 4]] == grpo.group_advantages(group, True)[0].tolist()
+        group = torch.tensor([[s.scores["reward"] for s in control[b:b + 4]]])
+        assert [s.advantage for s in control[b:b + 4]] == grpo.group_advantages(group, True)[0].tolist()
 
 
 def test_check_work_in_a_rollout_pays_only_the_right_answer_with_right_work(monkeypatch):
@@ -638,8 +640,8 @@ def test_check_work_in_a_rollout_pays_only_the_right_answer_with_right_work(monk
     score = lambda answer, entry: float(answer == entry["answer"])
     samples = grpo.rollout(model, WordTokenizer(), [{"question": "q", "answer": "8"}], score,
                            grpo.Config(G=2, check_work=True), torch.Generator())
-    assert [s["correct"] for s in samples] == [True, True]
-    assert [s["correctness"] for s in samples] == [1.0, 0.0] and samples[0]["advantage"] > samples[1]["advantage"]
+    assert [s.scores["correct"] for s in samples] == [True, True]
+    assert [s.scores["correctness"] for s in samples] == [1.0, 0.0] and samples[0].advantage > samples[1].advantage
 
 
 def test_the_faithful_rate_is_the_share_of_right_answers_whose_work_holds(monkeypatch):

@@ -70,7 +70,7 @@ def buffer_and_optimizer(advantages):
     model = tiny_model("llama", dtype=torch.float32)
     grpo.apply_lora(model, 4, 8.0, "q_proj")
     completions, _ = grpo.generate(model, [[1, 5, 9]], len(advantages), 6, 1.0, 1.0, EOS, torch.Generator().manual_seed(0))
-    buffer = [{"prompt": [1, 5, 9], "completion": c, "advantage": a} for c, a in zip(completions, advantages)]
+    buffer = [grpo.Sample([1, 5, 9], c, advantage=a) for c, a in zip(completions, advantages)]
     for p in model.parameters():
         if p.requires_grad:
             p.data.normal_(0, 0.1)

@@ -18,15 +18,15 @@ from flags import BadInput
 
 def test_prompt_tokens_carry_no_loss():
     model = tiny_model("llama")
-    samples = [{"prompt": [1, 5, 9, 17], "completion": [40, 41, EOS]}, {"prompt": [1, 3], "completion": [7, 8, 9, 10, EOS]}]
+    samples = [grpo.Sample([1, 5, 9, 17], [40, 41, EOS]), grpo.Sample([1, 3], [7, 8, 9, 10, EOS])]
     weights = torch.cat(grpo.token_weights(samples, "token", 0))
     ours = sft.sft_loss(model, samples, weights, EOS, "cpu")
     # reference: cross-entropy over the padded batch with prompt and padding labels ignored (-100)
     ids, mask, _, _ = padded_sequences(samples)
     labels = torch.full_like(ids, -100)
     for i, s in enumerate(samples):
-        p = len(s["prompt"])
-        labels[i, p:p + len(s["completion"])] = torch.tensor(s["completion"])
+        p = len(s.prompt)
+        labels[i, p:p + len(s.completion)] = torch.tensor(s.completion)
     logits = hf_twin(model)(input_ids=ids, attention_mask=mask).logits
     ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
     assert torch.allclose(ours, ref, atol=1e-12)

@@ -61,8 +61,8 @@ def fake_rollout(pattern):
         out = []
         for e in entries:
             for ok in next(groups):
-                out.append({"question": e["question"], "correct": ok, "reward": float(ok), "advantage": 0.0,
-                            "completion": [1, 2], "prompt": [0]})
+                out.append(grpo.Sample([0], [1, 2], question=e["question"],
+                                       scores={"correct": ok, "reward": float(ok)}))
         return out
     return rollout
 
@@ -73,7 +73,7 @@ def test_dynamic_sampling_keeps_no_zero_variance_group(monkeypatch):
     task = ListTask(entry(i) for i in range(1000))
     buffer, sampled, stats = grpo.fill_buffer(None, None, T.Questions(task, set()), None, cfg, None, "test")
     groups = [buffer[i:i + 2] for i in range(0, len(buffer), 2)]
-    assert len(buffer) == 8 and all(len({s["correct"] for s in g}) == 2 for g in groups)
+    assert len(buffer) == 8 and all(len({s.scores["correct"] for s in g}) == 2 for g in groups)
     assert stats["dropped_group_rate"] == 0.5 and len(sampled) == 16 and stats["rollouts"] == 4
 
 
@@ -92,7 +92,7 @@ def test_training_questions_skip_the_eval_questions(monkeypatch):
     task = ListTask(entry(i) for i in range(10))
     questions = T.Questions(task, {"q0", "q2"})
     buffer, _, _ = grpo.fill_buffer(None, None, questions, None, cfg, None, "test")
-    assert [s["question"] for s in buffer[::2]] == ["q1", "q3"] and questions.index == 4
+    assert [s.question for s in buffer[::2]] == ["q1", "q3"] and questions.index == 4
 
 
 def test_the_last_rollout_draws_only_the_questions_the_buffer_still_needs(monkeypatch):
