@@ -1,6 +1,7 @@
 """
-ddp.py: several processes (torchrun). Each process samples its share of the questions and trains on its share of
-every minibatch; these helpers sum and gather across processes, and are no-ops in a single process.
+ddp.py: several processes (torchrun). Each process samples its share of the questions and trains on
+its share of every minibatch; these helpers sum and gather across processes, and are no-ops in a
+single process.
 """
 import os
 import sys
@@ -11,8 +12,8 @@ from tqdm import tqdm
 
 
 def init(device: str) -> str:
-    """Join the process group when started by torchrun (gloo on CPU, nccl on GPU); returns this process's device.
-    Only the first process prints."""
+    """Join the process group when started by torchrun (gloo on CPU, nccl on GPU); returns this
+    process's device. Only the first process prints."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
         if device == "cuda":
@@ -24,7 +25,8 @@ def init(device: str) -> str:
 
 
 def leave() -> None:
-    """Leave the process group before exiting: gloo's threads can otherwise abort the process at exit."""
+    """Leave the process group before exiting: gloo's threads can otherwise abort the process at
+    exit."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,14 +1,15 @@
 """
 flags.py: command-line flags from a dataclass, and one-line errors for bad input.
 
-Every field of a program's config dataclass becomes a flag --name with its default and help; its metadata says
-which values make sense (at_least, above, at_most, below, choices), and parse_config refuses any other value,
-and every NaN or infinite float, before any work starts. Functions that meet input the user has to fix call
-fail(message); run() prints that message as one line and exits with code 2: the user has something to fix, not a
-bug to report.
+Every field of a program's config dataclass becomes a flag --name with its default and help; its
+metadata says which values make sense (at_least, above, at_most, below, choices), and parse_config
+refuses any other value, and every NaN or infinite float, before any work starts. Functions that
+meet input the user has to fix call fail(message); run() prints that message as one line and exits
+with code 2: the user has something to fix, not a bug to report.
 
-`--config FILE` (grpo.py and sft.py) reads a recipe: one TOML file per experiment (recipes/), its top-level keys
-shared by both programs (the task, the model, the seed: written once), then a section per program:
+`--config FILE` (grpo.py and sft.py) reads a recipe: one TOML file per experiment (recipes/), its
+top-level keys shared by both programs (the task, the model, the seed: written once), then a section
+per program:
 
     task = "simple_equations"       # every program that reads the file
     [sft]
@@ -16,8 +17,8 @@ shared by both programs (the task, the model, the seed: written once), then a se
     [grpo]
     learning_rate = 1e-4
 
-Flags given on the command line override the file. TOML because Python reads it without a dependency (tomllib)
-and its values are typed: 1e-4 is a float, "1e-4" a string.
+Flags given on the command line override the file. TOML because Python reads it without a dependency
+(tomllib) and its values are typed: 1e-4 is a float, "1e-4" a string.
 """
 import argparse
 import dataclasses
@@ -40,8 +41,8 @@ def fail(msg: str):
 
 
 def opt(default, help: str, **check):
-    """A config field: its default, its one-line help, and the values it accepts (at_least=, above=, at_most=,
-    below=, choices=)."""
+    """A config field: its default, its one-line help, and the values it accepts (at_least=, above=,
+    at_most=, below=, choices=)."""
     return field(default=default, metadata={"help": help, **check})
 
 
@@ -49,8 +50,10 @@ def check_value(name: str, value, meta: dict) -> None:
     """The one-line error for a value outside what the field accepts."""
     if isinstance(value, float) and not math.isfinite(value):
         fail(f"--{name} {value}: must be a finite number")
-    for key, ok, words in (("at_least", lambda v, b: v >= b, "at least"), ("above", lambda v, b: v > b, "above"),
-                           ("at_most", lambda v, b: v <= b, "at most"), ("below", lambda v, b: v < b, "below")):
+    for key, ok, words in (("at_least", lambda v, b: v >= b, "at least"),
+                           ("above", lambda v, b: v > b, "above"),
+                           ("at_most", lambda v, b: v <= b, "at most"),
+                           ("below", lambda v, b: v < b, "below")):
         if key in meta and not ok(value, meta[key]):
             fail(f"--{name} {value}: must be {words} {meta[key]}")
     if "choices" in meta and value not in meta["choices"]:
@@ -62,8 +65,8 @@ def field_type(f) -> type:
 
 
 def read_recipe(path: str, cls, program: str) -> dict:
-    """The values a recipe file gives `program`: its top-level keys and those of its own section, each checked as
-    its flag would be; the errors name the file and the key."""
+    """The values a recipe file gives `program`: its top-level keys and those of its own section,
+    each checked as its flag would be; the errors name the file and the key."""
     if not os.path.isfile(path):
         fail(f"--config {path}: no such file")
     try:
@@ -75,19 +78,22 @@ def read_recipe(path: str, cls, program: str) -> dict:
     sections = [k for k, v in recipe.items() if isinstance(v, dict)]
     for section in sections:
         if section not in PROGRAMS:
-            fail(f"{path}: unknown section [{section}]; a recipe has top-level keys and [{'], ['.join(PROGRAMS)}]")
+            fail(f"{path}: unknown section [{section}]; a recipe has top-level keys and "
+                 f"[{'], ['.join(PROGRAMS)}]")
     shared = [("", k, v) for k, v in recipe.items() if k not in sections]
     values = {}
-    for where, key, value in shared + [(f"[{program}] ", k, v) for k, v in recipe.get(program, {}).items()]:
+    own = [(f"[{program}] ", k, v) for k, v in recipe.get(program, {}).items()]
+    for where, key, value in shared + own:
         if key not in fields:
             hint = f": put it under the section of the program that has it" if not where else ""
-            fail(f"{path}: {where}{key} is not a flag of {program}.py{hint} ({program}.py --help lists them)")
+            fail(f"{path}: {where}{key} is not a flag of {program}.py{hint} ({program}.py --help "
+                 f"lists them)")
         typ = field_type(fields[key])
         if typ is float and type(value) is int:
             value = float(value)
         if type(value) is not typ:
-            fail(f"{path}: {where}{key} = {json.dumps(value)}: must be {typ.__name__} "
-                 f"(like its default, {json.dumps(fields[key].default)})")
+            fail(f"{path}: {where}{key} = {json.dumps(value)}: must be {typ.__name__} (like its "
+                 f"default, {json.dumps(fields[key].default)})")
         try:
             check_value(key, value, fields[key].metadata)
         except BadInput as e:
@@ -97,25 +103,30 @@ def read_recipe(path: str, cls, program: str) -> dict:
 
 
 def to_toml(cfg, program: str) -> str:
-    """cfg as a recipe of one section, which --config reads back to the same values (the resolved configuration a
-    run keeps in its out_dir)."""
-    lines = [f"[{program}]"] + [f"{k} = {json.dumps(v)}" for k, v in dataclasses.asdict(cfg).items()]
+    """cfg as a recipe of one section, which --config reads back to the same values (the resolved
+    configuration a run keeps in its out_dir)."""
+    lines = [f"[{program}]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in dataclasses.asdict(cfg).items()]
     return "\n".join(lines) + "\n"
 
 
 def parse_config(cls, argv=None, doc: str = "", program: str | None = None):
-    """The dataclass `cls` filled from the command line, every value checked against its field's metadata.
-    program: the section of a --config recipe this program reads (None: no --config)."""
+    """The dataclass `cls` filled from the command line, every value checked against its field's
+    metadata. program: the section of a --config recipe this program reads (None: no --config)."""
     p = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.error = lambda msg: fail(f"{msg} (--help lists every flag; a negative value is written --flag=-1e-5)")
+    p.error = lambda msg: fail(f"{msg} (--help lists every flag; a negative value is written "
+                               f"--flag=-1e-5)")
     if program:
-        p.add_argument("--config", default="", help=f"a recipe (TOML): its top-level keys and its [{program}] "
-                                                    f"section set flags; the command line overrides them")
+        p.add_argument("--config", default="",
+                       help=f"a recipe (TOML): its top-level keys and its [{program}] "
+                                                    f"section set flags; the command line "
+                                                    f"overrides them")
     for f in dataclasses.fields(cls):
         help = f.metadata["help"].replace("%", "%%")
         if f.type is bool or f.type == "bool":
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help)
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                           help=help)
         else:
             p.add_argument(f"--{f.name}", type=field_type(f), default=f.default, help=help)
     if program:
@@ -131,7 +142,8 @@ def parse_config(cls, argv=None, doc: str = "", program: str | None = None):
 
 
 def run(main, cls, doc: str = "", program: str | None = None) -> None:
-    """main(config parsed from the command line), with bad input reported as one line on stderr and exit code 2."""
+    """main(config parsed from the command line), with bad input reported as one line on stderr and
+    exit code 2."""
     try:
         main(parse_config(cls, doc=doc, program=program))
     except BadInput as e:

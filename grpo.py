@@ -67,16 +67,14 @@ TRAIN_QUESTIONS = 10**8  # reasoning-gym makes question i of a seed on demand: a
 @dataclass
 class Config:
     # model and data
-    model: str = opt("SmolLM-135M",
-                     "hub id or local folder; SmolLM-135M = SmolLM2-135M-Instruct, bundled offline")
+    model: str = opt("SmolLM-135M", "hub id or folder; SmolLM-135M: SmolLM2-135M-Instruct, bundled")
     task: str = opt("syllogism:invalid_ratio=0.5", "reasoning-gym task (name:key=value settings, "
                     "a,b@weight mixes) or a .jsonl file; the default (sft.py's too) is balanced")
     eval_task: str = opt("", "evaluate on this task instead (as --task): does the skill carry?")
     out_dir: str = opt("out", "where log.jsonl, samples.jsonl, ckpt.pt and curves.png go")
     report_to: str = opt("", "send log rows to a tracker too", choices=("", "tensorboard", "wandb"))
     device: str = opt("auto", "cpu, cuda, or auto (cuda if any)", choices=("auto", "cpu", "cuda"))
-    dtype: str = opt("auto", "float32, bfloat16, float16, or auto (bf16 on cuda and where a CPU's "
-                     "bf16 is fast)", choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = opt("auto", "bf16 if fast", choices=("auto", "float32", "bfloat16", "float16"))
     seed: int = opt(0, "seed for questions, sampling and shuffling", at_least=0)
     # rollout
     max_new_tokens: int = opt(300, "longest completion; longer ones are cut", at_least=1)
@@ -87,34 +85,25 @@ class Config:
     buffer_size: int = opt(500, "samples collected per step before the update", at_least=1)
     # reward
     w_correct: float = opt(0.85, "weight of correctness (1 for the task's full marks, else 0)")
-    partial_credit: bool = opt(False, "correctness is the task's fractional score (farmable: '58' "
-                               "earns 0.5 for 8)")
-    check_work: bool = opt(False, "an answer counts as right only if each worked line 'a op b = c' "
-                           "in it holds")
-    random_reward: bool = opt(False, "control: correctness replaced by random 0/1 at the rollout's "
-                              "real rate")
+    partial_credit: bool = opt(False, "correctness: the fractional score (farmable: 58 for 8)")
+    check_work: bool = opt(False, "a right answer counts only if its 'a op b = c' lines all hold")
+    random_reward: bool = opt(False, "control: correctness is a coin at the rollout's real rate")
     w_format: float = opt(0.15, "weight of the <think>..</think><answer>..</answer> format")
     w_length: float = opt(0.0, "weight of Kimi 1.5's length reward (shorter right ones earn more)")
-    w_overlong: float = opt(0.0, "weight of DAPO's soft overlong penalty (0 to -1 over the last "
-                            "overlong_buffer)")
+    w_overlong: float = opt(0.0, "weight of DAPO's soft overlong penalty (0 to -1)")
     overlong_buffer: int = opt(50, "the overlong penalty's ramp, in tokens", at_least=0)
-    w_difficulty: float = opt(0.0, "bonus w * (1 - pass rate) for a correct answer (acts with "
-                              "--scale_rewards none)")
+    w_difficulty: float = opt(0.0, "bonus w * (1 - pass rate) for a right answer (scale none)")
     dynamic_sampling: bool = opt(False, "DAPO: drop all-right and all-wrong groups, sample more")
-    dynamic_sampling_bound: float = opt(3.0, "dynamic sampling: at most this many times the usual "
-                                        "rollouts", at_least=1)
-    pool_size: int = opt(0, "curriculum: a pool of this many questions, mid pass rates drawn most "
-                         "(0: off)", at_least=0)
+    dynamic_sampling_bound: float = opt(3.0, "at most this many times the rollouts", at_least=1)
+    pool_size: int = opt(0, "curriculum: a pool of N questions, mid pass rates first", at_least=0)
     retire_after: int = opt(2, "curriculum: retire questions all-solved N visits", at_least=1)
-    scale_rewards: str = opt("group", "group: advantages divided by the group's std; none: not "
-                             "(Dr. GRPO)", choices=("group", "none"))
+    scale_rewards: str = opt("group", "divide by the group std, or not", choices=("group", "none"))
     # update
     batch_size: int = opt(16, "sequences per minibatch (one forward/backward)", at_least=1)
     gradient_accumulation_steps: int = opt(12, "minibatches per optimizer step", at_least=1)
     ppo_epochs: int = opt(1, "passes over the buffer per step", at_least=1)
     learning_rate: float = opt(5e-5, "AdamW learning rate", at_least=0)
-    warmup_steps: int = opt(10, "the learning rate rises linearly over this many optimizer steps "
-                            "(0: none)", at_least=0)
+    warmup_steps: int = opt(10, "the learning rate ramps up over N optimizer steps", at_least=0)
     weight_decay: float = opt(0.0, "AdamW weight decay", at_least=0)
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0: no clipping)", at_least=0)
     eps_low: float = opt(0.2, "PPO clip: ratio kept above 1 - eps_low", at_least=0, below=1)
@@ -123,8 +112,7 @@ class Config:
                         "(token: DAPO) or over sequences x max_new_tokens (dr_grpo)",
                         choices=("seq", "token", "dr_grpo"))
     beta: float = opt(0.0, "KL penalty weight against the base model (LoRA off)", at_least=0)
-    grad_checkpoint: bool = opt(False, "recompute each block in backward: memory of ~1 block, ~30 "
-                                "percent more compute")
+    grad_checkpoint: bool = opt(False, "recompute blocks in backward: less memory, ~30% more time")
     # LoRA
     lora_r: int = opt(32, "LoRA rank; 0 trains the full model", at_least=0)
     lora_alpha: float = opt(64.0, "LoRA scale: the update is (alpha / r) * B @ A", above=0)
@@ -134,17 +122,13 @@ class Config:
     max_steps: int = opt(100, "training steps (a step: fill the buffer, then update)", at_least=0)
     eval_interval: int = opt(10, "evaluate every N steps (0: only before and after)", at_least=0)
     eval_size: int = opt(500, "held-out questions (distinct, never trained on)", at_least=1)
-    eval_seed: int = opt(tasks.EVAL_SEED, "seed of the held-out set (another: questions no choice "
-                         "was tuned on)", at_least=0)
+    eval_seed: int = opt(tasks.EVAL_SEED, "seed of the held-out questions", at_least=0)
     eval_samples: int = opt(0, "K sampled answers per question too: mean@K, pass@K", at_least=0)
     no_signal_steps: int = opt(3, "stop after N steps in a row with every advantage 0", at_least=0)
-    save_interval: int = opt(1, "write ckpt.pt every this many steps (and at the end, on SIGTERM, "
-                             "Ctrl-C)", at_least=1)
-    eval_only: bool = opt(False, "evaluate, write every answer to samples.jsonl (python report.py "
-                          "pairs two), exit")
+    save_interval: int = opt(1, "write ckpt.pt every N steps (and at the end)", at_least=1)
+    eval_only: bool = opt(False, "evaluate, write every answer (report.py pairs two), exit")
     resume: bool = opt(False, "continue the run in out_dir from its ckpt.pt")
-    overwrite: bool = opt(False, "start anew in an out_dir that holds a run (which is moved aside, "
-                          "not deleted)")
+    overwrite: bool = opt(False, "start anew where a run is (moved aside, not deleted)")
     init_from: str = opt("", "start from this checkpoint's weights (an sft.py or grpo.py ckpt.pt)")
 
 
@@ -152,7 +136,7 @@ def check_config(cfg: Config) -> None:
     """What the flags' own ranges cannot say: combinations, and the number of processes."""
     world = ddp.world_size()
     if world > 1 and (cfg.dynamic_sampling or cfg.pool_size):
-        fail("--dynamic_sampling and --pool_size run in a single process for now (not under torchrun)")
+        fail("--dynamic_sampling and --pool_size run in one process for now (not under torchrun)")
     for name in ("exploration_batchsize", "batch_size"):
         if getattr(cfg, name) % world:
             fail(f"--{name} {getattr(cfg, name)} does not divide among {world} processes: use a "
@@ -162,9 +146,9 @@ def check_config(cfg: Config) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# LoRA: y = W x + (alpha / r) * B A x, with B = 0 at the start so the model starts exactly as the base
-# model. A and B are kept in fp32 at least (in a bf16 model an AdamW step of 5e-5 would round away)
-# and multiply in the model's dtype.
+# LoRA: y = W x + (alpha / r) * B A x, with B = 0 at the start so the model starts exactly as the
+# base model. A and B are kept in fp32 at least (in a bf16 model an AdamW step of 5e-5 would round
+# away) and multiply in the model's dtype.
 
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float):
@@ -763,8 +747,8 @@ def evaluate(model, tok, entries: list[dict], score_fn, max_new_tokens: int, k_s
             if k_sampled:
                 texts = [tok.decode(s, skip_special_tokens=True)
                          for s in sampled[j * k_sampled:(j + 1) * k_sampled]]
-                rows[-1]["sampled_correct"] = sum(reward.score_completion(t, entry, score_fn)["correct"]
-                                                  for t in texts)
+                verdicts = [reward.score_completion(t, entry, score_fn)["correct"] for t in texts]
+                rows[-1]["sampled_correct"] = sum(verdicts)
     rows = ddp.gather(rows)
     return report.eval_metrics(rows, [str(e["answer"]) for e in entries], k_sampled), rows
 
@@ -826,7 +810,8 @@ def main(cfg: Config):
     step, start_verdicts = 0, None
     if ckpt:
         rundir.load_weights(model, ckpt)
-        print(f"initialised from {cfg.init_from}" if cfg.init_from else f"resumed from {run.ckpt_path}")
+        print(f"resumed from {run.ckpt_path}" if cfg.resume
+              else f"initialised from {cfg.init_from}")
     if cfg.resume:
         step, start_verdicts = rundir.restore(ckpt, optimizer, questions, pool, generator, rank)
 
@@ -859,8 +844,8 @@ def main(cfg: Config):
         warnings = report.collapse_warnings(run.rows + [row])
         print(report.step_line(row, cfg.max_steps, cfg.max_new_tokens) + warnings, flush=True)
         if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
-            metrics, _ = eval_step(model, tok, eval_set, eval_entries, cfg, run, step, start_verdicts)
-            row.update(metrics)
+            row.update(eval_step(model, tok, eval_set, eval_entries, cfg, run, step,
+                                 start_verdicts)[0])
         run.log(row)
         group = [s.row() for s in sampled[:cfg.G]]  # one question's completions side by side
         run.samples([{"step": step, "split": "train", **{k: r[k] for k in rundir.SAMPLE_KEYS}}

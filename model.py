@@ -1,17 +1,18 @@
 """
-model.py: the decoder that grpo.py samples from and trains, for the Llama, Qwen2 and Qwen3 families (SmolLM2 and
-Llama 3 are Llama, Qwen2.5 is Qwen2). As in nanoGPT's model.py, the project owns its forward pass and copies a
-Hugging Face checkpoint's weights in, checking every shape. The parameter names are Hugging Face's, so LoRA
-targets (q_proj, ...), checkpoints and the merged export mean the same as in transformers.
+model.py: the decoder that grpo.py samples from and trains, for the Llama, Qwen2 and Qwen3 families
+(SmolLM2 and Llama 3 are Llama, Qwen2.5 is Qwen2). As in nanoGPT's model.py, the project owns its
+forward pass and copies a Hugging Face checkpoint's weights in, checking every shape. The parameter
+names are Hugging Face's, so LoRA targets (q_proj, ...), checkpoints and the merged export mean the
+same as in transformers.
 
-    model, tok = weights.load("SmolLM-135M", "cpu", torch.float32)   # the bundled model, a hub id, a folder
-    h = model(ids, pos, attention)                                   # (B, T, hidden): final-normed hidden states
+    model, tok = weights.load("SmolLM-135M", "cpu", torch.float32)  # bundled, a hub id, a folder
+    h = model(ids, pos, attention)                                  # (B, T, hidden), final-normed
     logits = model.lm_head(h)
 
-`attention(layer, q, k, v)` decides which keys each query sees: q is (B, heads, T, head_dim), k and v are
-(B, kv_heads, T, head_dim), rotated; it returns (B, T, heads, head_dim). `causal` is the plain one; the sampler's
-(Prefill, DecodeCache) and the trainer's (PromptsThenCompletions), at the end of this file, keep keys and values in
-plain preallocated tensors.
+`attention(layer, q, k, v)` decides which keys each query sees: q is (B, heads, T, head_dim), k and
+v are (B, kv_heads, T, head_dim), rotated; it returns (B, T, heads, head_dim). `causal` is the plain
+one; the sampler's (Prefill, DecodeCache) and the trainer's (PromptsThenCompletions), at the end of
+this file, keep keys and values in plain preallocated tensors.
 """
 import math
 
@@ -37,13 +38,16 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         h = upcast(x)  # at least fp32, as the models were trained
-        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1,
+                                                            keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rope_frequencies(config) -> torch.Tensor:
-    """The rotary embedding's inverse frequencies (head_dim / 2,), with the scaling these families use: none,
-    linear, or Llama 3's (long wavelengths slowed by `factor`, a smooth blend between)."""
-    p = getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": config.rope_theta}
+    """The rotary embedding's inverse frequencies (head_dim / 2,), with the scaling these families
+    use: none, linear, or Llama 3's (long wavelengths slowed by `factor`, a smooth blend
+    between)."""
+    p = getattr(config, "rope_parameters", None) or {"rope_type": "default",
+                                                     "rope_theta": config.rope_theta}
     dim, kind = head_dim(config), p.get("rope_type", "default")
     inv_freq = 1.0 / (p["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if kind == "linear":
@@ -51,7 +55,8 @@ def rope_frequencies(config) -> torch.Tensor:
     if kind == "llama3":
         old = p["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
-        smooth = (old / wavelen - p["low_freq_factor"]) / (p["high_freq_factor"] - p["low_freq_factor"])
+        low, high = p["low_freq_factor"], p["high_freq_factor"]
+        smooth = (old / wavelen - low) / (high - low)
         scaled = torch.where(wavelen > old / p["low_freq_factor"], inv_freq / p["factor"], inv_freq)
         blended = (1 - smooth) * scaled / p["factor"] + smooth * scaled
         medium = (wavelen >= old / p["high_freq_factor"]) & (wavelen <= old / p["low_freq_factor"])
@@ -78,20 +83,23 @@ def head_dim(config) -> int:
 
 
 def sdpa(q, k, v, mask=None, causal=False):
-    """softmax(q k^T / sqrt(head_dim) + mask) v with grouped-query heads (query head h reads key head h // (heads /
-    kv_heads)); mask is boolean (True: may attend), broadcast over heads; causal: q and k are the same positions.
-    Returns (B, T, heads, head_dim)."""
+    """softmax(q k^T / sqrt(head_dim) + mask) v with grouped-query heads (query head h reads key
+    head h // (heads / kv_heads)); mask is boolean (True: may attend), broadcast over heads; causal:
+    q and k are the same positions. Returns (B, T, heads, head_dim)."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         return plain_attention(q, k, v, mask, causal)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                          enable_gqa=True).transpose(1, 2)
 
 
 def plain_attention(q, k, v, mask=None, causal=False):
-    """sdpa written out, scores and softmax in fp32: on a CPU in bf16 torch's fused kernel is ~1.6x slower than this
-    (forward + backward at a training minibatch's shapes)."""
+    """sdpa written out, scores and softmax in fp32: on a CPU in bf16 torch's fused kernel is ~1.6x
+    slower than this (forward + backward at a training minibatch's shapes)."""
     B, H, T, D = q.shape
     KV, S = k.shape[1], k.shape[2]
-    s = (q.float().reshape(B, KV, H // KV * T, D) @ k.float().transpose(-1, -2)).view(B, KV, H // KV, T, S) * D ** -0.5
+    s = (q.float().reshape(B, KV, H // KV * T, D) @ k.float().transpose(-1, -2)).view(B, KV,
+                                                                                      H // KV, T,
+                                                                                      S) * D ** -0.5
     if causal:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
     if mask is not None:
@@ -106,18 +114,21 @@ def causal(layer, q, k, v):
 
 
 class Attention(nn.Module):
-    fused = {"qkv": ("q_proj", "k_proj", "v_proj")}  # while sampling, packed.frozen_linears sets self.qkv
+    # while sampling, packed.frozen_linears sets self.qkv
+    fused = {"qkv": ("q_proj", "k_proj", "v_proj")}
 
     def __init__(self, config):
         super().__init__()
-        d, H, KV, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim(config)
+        d, D = config.hidden_size, head_dim(config)
+        H, KV = config.num_attention_heads, config.num_key_value_heads
         qkv_bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
         self.q_proj = nn.Linear(d, H * D, bias=qkv_bias)
         self.k_proj = nn.Linear(d, KV * D, bias=qkv_bias)
         self.v_proj = nn.Linear(d, KV * D, bias=qkv_bias)
         self.o_proj = nn.Linear(H * D, d, bias=getattr(config, "attention_bias", False))
         if config.model_type == "qwen3":  # Qwen3 normalizes each head's query and key
-            self.q_norm, self.k_norm = RMSNorm(D, config.rms_norm_eps), RMSNorm(D, config.rms_norm_eps)
+            self.q_norm, self.k_norm = RMSNorm(D, config.rms_norm_eps), RMSNorm(D,
+                                                                                config.rms_norm_eps)
         self.head_dim, self.sizes, self.qkv = D, (H * D, KV * D, KV * D), None
 
     def forward(self, x, cos, sin, attention, layer: int):
@@ -130,16 +141,19 @@ class Attention(nn.Module):
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)  # (B, H, T, D), (B, KV, T, D)
+        # (B, H, T, D), (B, KV, T, D)
+        q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)
         return self.o_proj(attention(layer, q, k, v).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
-    fused = {"gate_up": ("gate_proj", "up_proj")}  # while sampling, packed.frozen_linears sets self.gate_up
+    # while sampling, packed.frozen_linears sets self.gate_up
+    fused = {"gate_up": ("gate_proj", "up_proj")}
 
     def __init__(self, config):
         super().__init__()
-        d, f, bias = config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False)
+        d, f, bias = config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias",
+                                                                           False)
         self.gate_proj, self.up_proj = nn.Linear(d, f, bias=bias), nn.Linear(d, f, bias=bias)
         self.down_proj, self.gate_up = nn.Linear(f, d, bias=bias), None
 
@@ -165,24 +179,26 @@ class Block(nn.Module):
 
 
 class Model(nn.Module):
-    """A decoder-only transformer. `config` is the checkpoint's Hugging Face config (kept for the export)."""
+    """A decoder-only transformer. `config` is the checkpoint's Hugging Face config (kept for the
+    export)."""
 
     def __init__(self, config):
         super().__init__()
         check_supported(config)
         self.config = config
-        self.model = nn.ModuleDict(dict(embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
-                                        layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
-                                        norm=RMSNorm(config.hidden_size, config.rms_norm_eps)))
+        embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        blocks = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.model = nn.ModuleDict(dict(embed_tokens=embed, layers=blocks, norm=norm))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
 
     def forward(self, ids, pos=None, attention=causal, grad_checkpoint: bool = False):
-        """Final-normed hidden states (B, T, hidden) of token ids (B, T) at positions pos (B, T) (default 0..T-1).
-        grad_checkpoint: keep only each block's input and recompute the block in backward (the attention callable
-        must then read the same keys when called again)."""
+        """Final-normed hidden states (B, T, hidden) of token ids (B, T) at positions pos (B, T)
+        (default 0..T-1). grad_checkpoint: keep only each block's input and recompute the block in
+        backward (the attention callable must then read the same keys when called again)."""
         pos = torch.arange(ids.shape[1], device=ids.device)[None] if pos is None else pos
         x = self.model.embed_tokens(ids)
         cos, sin = rotary(self.inv_freq, pos, x.dtype)
@@ -197,28 +213,31 @@ class Model(nn.Module):
 def check_supported(config) -> None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if text.model_type not in SUPPORTED:
-        fail(f"model type {text.model_type!r} is not supported: model.py implements {', '.join(SUPPORTED)} "
-             f"(SmolLM2, Llama 3, Qwen2.5, Qwen3)")
+        fail(f"model type {text.model_type!r} is not supported: model.py implements "
+             f"{', '.join(SUPPORTED)} (SmolLM2, Llama 3, Qwen2.5, Qwen3)")
     if getattr(text, "hidden_act", "silu") != "silu":
         fail(f"activation {text.hidden_act!r} is not supported (model.py's MLP uses silu)")
     if getattr(text, "use_sliding_window", False) and text.sliding_window is not None and \
             text.sliding_window < text.max_position_embeddings:
-        fail(f"a sliding attention window ({text.sliding_window} tokens) is not supported: use a model without one")
+        fail(f"a sliding attention window ({text.sliding_window} tokens) is not supported: use a "
+             f"model without one")
 
 
 def from_hf(hf) -> Model:
-    """Our model holding the weights of a transformers model (the same tensors, not copies); every name and shape
-    is checked."""
+    """Our model holding the weights of a transformers model (the same tensors, not copies); every
+    name and shape is checked."""
     with torch.device("meta"):  # no random initialisation: every weight comes from the checkpoint
         model = Model(hf.config)
     ours, theirs = model.state_dict(), hf.state_dict()
     for name, tensor in ours.items():
         if name not in theirs or theirs[name].shape != tensor.shape:
             raise ValueError(f"{name}: {tuple(tensor.shape)} here, "
-                             f"{tuple(theirs[name].shape) if name in theirs else 'missing'} in the checkpoint")
+                             f"{tuple(theirs[name].shape) if name in theirs else 'missing'} in the "
+                             f"checkpoint")
     unused = set(theirs) - set(ours)
     if unused:
-        raise ValueError(f"the checkpoint has weights model.py does not use, e.g. {sorted(unused)[0]}")
+        raise ValueError(f"the checkpoint has weights model.py does not use, e.g. "
+                         f"{sorted(unused)[0]}")
     model.load_state_dict(theirs, assign=True)
     if hf.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -234,33 +253,40 @@ def to_hf(model: Model):
     return hf
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Attention over cached keys and values, in plain tensors: grpo.py's sampler (Prefill, then DecodeCache) and its
-# training pass (PromptsThenCompletions) pass these as the `attention` of Model.forward.
+# --------------------------------------------------------------------------------------------------
+# Attention over cached keys and values, in plain tensors: grpo.py's sampler (Prefill, then
+# DecodeCache) and its training pass (PromptsThenCompletions) pass these as the `attention` of
+# Model.forward.
 
 def attend(q, k, v, scale: float, bias=None, fused: bool | None = None):
-    """softmax(q k^T * scale + bias) v, and the log-sum-exp of each query's scores (what merging two parts of one
-    attention needs). On CPU: the flash-attention kernel behind F.scaled_dot_product_attention, which returns both."""
+    """softmax(q k^T * scale + bias) v, and the log-sum-exp of each query's scores (what merging two
+    parts of one attention needs). On CPU: the flash-attention kernel behind
+    F.scaled_dot_product_attention, which returns both."""
     if q.device.type == "cpu" if fused is None else fused:
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
-    s = upcast(q) @ upcast(k).transpose(-1, -2) * scale  # scores and softmax in fp32 at least, as SDPA keeps them
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias,
+                                                                          scale=scale)
+    # scores and softmax in fp32 at least, as SDPA keeps them
+    s = upcast(q) @ upcast(k).transpose(-1, -2) * scale
     s = s if bias is None else s + bias
     lse = s.logsumexp(-1)
     return (s - lse[..., None]).exp().to(v.dtype) @ v, lse
 
 
 def own_tokens_mask(mask, n_before: int = 0):
-    """Which keys each token may attend to (B, 1, T, n_before + T): the n_before keys in front (a shared prefix, a
-    prompt) and its own sequence's real tokens up to itself. A padding token sees at least itself (no empty row)."""
+    """Which keys each token may attend to (B, 1, T, n_before + T): the n_before keys in front (a
+    shared prefix, a prompt) and its own sequence's real tokens up to itself. A padding token sees
+    at least itself (no empty row)."""
     T = mask.shape[1]
-    own = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril() & mask[:, None, :].bool()  # (B, T, T)
+    # (B, T, T)
+    own = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril() & mask[:, None, :].bool()
     own |= torch.eye(T, dtype=torch.bool, device=mask.device)
     return torch.cat([own.new_ones(len(mask), T, n_before), own], -1)[:, None]
 
 
 class Prefill:
-    """Attention while the prompts run, keeping every layer's keys and values: first the shared prefix (one row),
-    then each prompt's own tokens (B rows, left-padded: `mask`), which also see the prefix."""
+    """Attention while the prompts run, keeping every layer's keys and values: first the shared
+    prefix (one row), then each prompt's own tokens (B rows, left-padded: `mask`), which also see
+    the prefix."""
 
     def __init__(self, n_layers: int):
         self.k, self.v, self.mask = [None] * n_layers, [None] * n_layers, None
@@ -274,28 +300,32 @@ class Prefill:
 
 
 class DecodeCache:
-    """Keys and values while decoding G samples of each of B prompts, per layer: the prompts' (B rows, as the
-    prefill left them; `bias` masks their padding) and the completions' (B*G rows) in a buffer of `capacity`
-    positions, written in place at `length`. `slot` maps each row still decoding to its place among the B*G
-    samples (rows leave the batch as they finish)."""
+    """Keys and values while decoding G samples of each of B prompts, per layer: the prompts' (B
+    rows, as the prefill left them; `bias` masks their padding) and the completions' (B*G rows) in a
+    buffer of `capacity` positions, written in place at `length`. `slot` maps each row still
+    decoding to its place among the B*G samples (rows leave the batch as they finish)."""
 
     def __init__(self, prefill: Prefill, prompt_mask, G: int, capacity: int):
         self.prompt_k, self.prompt_v = prefill.k, prefill.v  # (B, KV, P, D) per layer
         B, KV, _, D = self.prompt_k[0].shape
         self.k = [k.new_empty(B * G, KV, capacity, D) for k in self.prompt_k]
         self.v = [v.new_empty(B * G, KV, capacity, D) for v in self.prompt_v]
-        self.bias = torch.zeros(prompt_mask.shape, dtype=self.k[0].dtype, device=prompt_mask.device).masked_fill(
+        self.bias = torch.zeros(prompt_mask.shape, dtype=self.k[0].dtype,
+                                device=prompt_mask.device).masked_fill(
             prompt_mask == 0, float("-inf"))[:, None, None]  # (B, 1, 1, P)
         self.G, self.length, self.slot = G, 0, torch.arange(B * G, device=prompt_mask.device)
 
     def keep(self, rows):
         """Only these rows go on decoding (a copy of the completions' cache, done rarely)."""
-        self.k, self.v, self.slot = [k[rows] for k in self.k], [v[rows] for v in self.v], self.slot[rows]
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+        self.slot = self.slot[rows]
 
     def __call__(self, layer, q, k, v):
-        """One new token per row: q (n, H, 1, D), k and v (n, KV, 1, D). Two parts merged by their log-sum-exps,
-        o = o_c + sigmoid(lse_p - lse_c) * (o_p - o_c): the prompt part runs once per prompt with the queries of all
-        its G samples (query head h reads key head h // (H / KV)), the completion part per row."""
+        """One new token per row: q (n, H, 1, D), k and v (n, KV, 1, D). Two parts merged by their
+        log-sum-exps, o = o_c + sigmoid(lse_p - lse_c) * (o_p - o_c): the prompt part runs once per
+        prompt with the queries of all its G samples (query head h reads key head h // (H / KV)),
+        the completion part per row."""
         t = self.length
         self.k[layer][:, :, t:t + 1], self.v[layer][:, :, t:t + 1] = k, v
         n, H, _, D = q.shape
@@ -303,22 +333,24 @@ class DecodeCache:
         R, G, scale = H // KV, self.G, D ** -0.5
         q = q.reshape(n, KV, R, D)
         full = n == B * G  # no row has left yet: the rows are the B x G grid
-        grid = q if full else q.new_zeros(B * G, KV, R, D).index_copy_(0, self.slot, q)  # finished: zeros, unused
-        o_p, lse_p = attend(grid.view(B, G, KV, R, D).transpose(1, 2).reshape(B, KV, G * R, D), self.prompt_k[layer],
-                            self.prompt_v[layer], scale, self.bias)
+        # finished: zeros, unused
+        grid = q if full else q.new_zeros(B * G, KV, R, D).index_copy_(0, self.slot, q)
+        o_p, lse_p = attend(grid.view(B, G, KV, R, D).transpose(1, 2).reshape(B, KV, G * R, D),
+                            self.prompt_k[layer], self.prompt_v[layer], scale, self.bias)
         o_p = o_p.view(B, KV, G, R, D).transpose(1, 2).reshape(B * G, KV, R, D)
         lse_p = lse_p.view(B, KV, G, R).transpose(1, 2).reshape(B * G, KV, R)
         if not full:
             o_p, lse_p = o_p[self.slot], lse_p[self.slot]
         o_c, lse_c = attend(q, self.k[layer][:, :, :t + 1], self.v[layer][:, :, :t + 1], scale)
-        return torch.lerp(o_c, o_p, torch.sigmoid(lse_p - lse_c).unsqueeze(-1).to(o_c.dtype)).reshape(n, 1, H, D)
+        weight_p = torch.sigmoid(lse_p - lse_c).unsqueeze(-1).to(o_c.dtype)  # the prompt's share
+        return torch.lerp(o_c, o_p, weight_p).reshape(n, 1, H, D)
 
 
 class PromptsThenCompletions:
-    """Attention of the training pass. `prompts`: the minibatch's distinct prompts (U rows), keeping every layer's
-    keys and values; `completions`: each completion reads its prompt's (row `which`; the gradient flows back through
-    them), then its own. The completion pass only reads, so a checkpointed block recomputed in backward sees
-    exactly the keys it saw the first time."""
+    """Attention of the training pass. `prompts`: the minibatch's distinct prompts (U rows), keeping
+    every layer's keys and values; `completions`: each completion reads its prompt's (row `which`;
+    the gradient flows back through them), then its own. The completion pass only reads, so a
+    checkpointed block recomputed in backward sees exactly the keys it saw the first time."""
 
     def __init__(self, n_layers: int, prompt_mask, which, mask):
         self.k, self.v, self.which = [None] * n_layers, [None] * n_layers, which

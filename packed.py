@@ -1,11 +1,12 @@
 """
 packed.py: what only makes the CPU faster.
 
-Fixed weights multiplied fast. On CPU in fp32 or bf16, a weight that stays fixed for a while (every weight while
-grpo.py samples, the base weights under LoRA while it trains) is reordered once into oneDNN's blocked layout, with
-the private ops that torch.compile uses for CPU inference; F.linear instead repacks the weight at every call. The
-packed product is 1.3x (layer-sized weights, fp32) to 4x (bf16 at 48 rows) faster at the sampler's batch sizes,
-~1.1x at training sizes. Elsewhere (GPU, the fp64 tests), or if those ops are missing, FrozenLinear is F.linear.
+Fixed weights multiplied fast. On CPU in fp32 or bf16, a weight that stays fixed for a while (every
+weight while grpo.py samples, the base weights under LoRA while it trains) is reordered once into
+oneDNN's blocked layout, with the private ops that torch.compile uses for CPU inference; F.linear
+instead repacks the weight at every call. The packed product is 1.3x (layer-sized weights, fp32) to
+4x (bf16 at 48 rows) faster at the sampler's batch sizes, ~1.1x at training sizes. Elsewhere (GPU,
+the fp64 tests), or if those ops are missing, FrozenLinear is F.linear.
 
 Memory kept, not given back: see keep_freed_memory.
 """
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 
 
 def pack(w: torch.Tensor, rows: int) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(w, rows)  # rows: the expected batch, a layout hint only
+    # rows: the expected batch, a layout hint only
+    return torch.ops.mkldnn._reorder_linear_weight(w, rows)
 
 
 def packed_linear(x, packed, bias=None):
@@ -27,7 +29,8 @@ def packed_linear(x, packed, bias=None):
 
 
 class PackedLinear(torch.autograd.Function):
-    """x W^T + b with W packed; the backward goes to x only (W is frozen), through the packed W^T."""
+    """x W^T + b with W packed; the backward goes to x only (W is frozen), through the packed
+    W^T."""
 
     @staticmethod
     def forward(ctx, x, packed, packed_t, bias):
@@ -46,13 +49,15 @@ def packing_works(dtype=torch.float32) -> bool:
         return False
     try:
         w, x = torch.randn(8, 4, dtype=dtype), torch.randn(3, 4, dtype=dtype)
-        return torch.allclose(packed_linear(x, pack(w, 3)).float(), F.linear(x, w).float(), atol=1e-2)
+        return torch.allclose(packed_linear(x, pack(w, 3)).float(), F.linear(x, w).float(),
+                              atol=1e-2)
     except (AttributeError, RuntimeError):
         return False
 
 
 class FrozenLinear(nn.Module):
-    """y = x W^T + b with a fixed weight, packed where that pays (see above); differentiable in x if `grad`."""
+    """y = x W^T + b with a fixed weight, packed where that pays (see above); differentiable in x if
+    `grad`."""
 
     def __init__(self, weight: torch.Tensor, bias, rows: int, grad: bool = False):
         super().__init__()
@@ -71,36 +76,46 @@ class FrozenLinear(nn.Module):
 
 
 def frozen_weight(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weight and bias of an nn.Linear, or of a LoRA layer (one with .base and .merged_weight()) with its adapter
-    merged in unless it is switched off."""
+    """The weight and bias of an nn.Linear, or of a LoRA layer (one with .base and .merged_weight())
+    with its adapter merged in unless it is switched off."""
     lora = hasattr(layer, "merged_weight")
-    weight = layer.merged_weight() if lora and layer.enabled else layer.base.weight if lora else layer.weight
+    if not lora:
+        weight = layer.weight
+    elif layer.enabled:
+        weight = layer.merged_weight()
+    else:
+        weight = layer.base.weight
     bias = (layer.base if lora else layer).bias
     return weight.detach(), None if bias is None else bias.detach()
 
 
 def fused_weight(layers) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weights (and biases) of several layers reading the same input, stacked: one product gives all outputs."""
+    """The weights (and biases) of several layers reading the same input, stacked: one product gives
+    all outputs."""
     weights, biases = zip(*(frozen_weight(layer) for layer in layers))
     if all(b is None for b in biases):
         return torch.cat(weights), None
-    return torch.cat(weights), torch.cat([w.new_zeros(len(w)) if b is None else b for w, b in zip(weights, biases)])
+    biases = [w.new_zeros(len(w)) if b is None else b for w, b in zip(weights, biases)]
+    return torch.cat(weights), torch.cat(biases)
 
 
 @contextlib.contextmanager
 def frozen_linears(model: nn.Module, rows: int, training: bool = False):
-    """Sampling (no gradients): every linear layer, the vocabulary projection included, multiplies by a frozen copy
-    of its weight (a LoRA layer's adapter merged in: one matmul instead of three), and the projections a module
-    declares in its `fused` ({"qkv": ("q_proj", "k_proj", "v_proj")}) multiply as one product, set as that attribute.
-    Training: the frozen base of each LoRA layer does (gradients still flow to its input); the adapter trains as
-    before. The original layers are put back on exit, the adapter untouched."""
-    fusions = [] if training else [(m, name, [getattr(m, p) for p in parts]) for m in model.modules()
+    """Sampling (no gradients): every linear layer, the vocabulary projection included, multiplies
+    by a frozen copy of its weight (a LoRA layer's adapter merged in: one matmul instead of three),
+    and the projections a module declares in its `fused` ({"qkv": ("q_proj", "k_proj", "v_proj")})
+    multiply as one product, set as that attribute. Training: the frozen base of each LoRA layer
+    does (gradients still flow to its input); the adapter trains as before. The original layers are
+    put back on exit, the adapter untouched."""
+    fusions = [] if training else [(m, name, [getattr(m,
+                                                      p) for p in parts]) for m in model.modules()
                                    for name, parts in getattr(m, "fused", {}).items()]
     in_fusion = {id(layer) for _, _, layers in fusions for layer in layers}
     if training:
         swaps = [(m, "base", m.base) for m in model.modules() if hasattr(m, "merged_weight")]
     else:
-        swaps = [(parent, name, child) for parent in model.modules() if not hasattr(parent, "merged_weight")
+        swaps = [(parent, name, child) for parent in model.modules()
+                 if not hasattr(parent, "merged_weight")
                  for name, child in parent.named_children() if id(child) not in in_fusion
                  and (isinstance(child, nn.Linear) or hasattr(child, "merged_weight"))]
     for parent, name, child in swaps:
@@ -117,12 +132,12 @@ def frozen_linears(model: nn.Module, rows: int, training: bool = False):
 
 
 def keep_freed_memory() -> None:
-    """glibc gives the free memory at the top of its heap back to the OS (and the next allocations fault it in
-    again, page by page, zeroed); blocks over a threshold (128 KB, rising with use to 32 MB) get a mapping of
-    their own, unmapped when freed. On CPU a minibatch's activations, GBs, come and go every step. Here blocks
-    up to 32 MB always come from the heap, and the heap is never shrunk: the process keeps its peak memory.
-    Measured (4 alternating processes): an update 1.12x faster, sampling 192 rows 1.07x, kernel time 34 -> 24 s,
-    the same peak memory."""
+    """glibc gives the free memory at the top of its heap back to the OS (and the next allocations
+    fault it in again, page by page, zeroed); blocks over a threshold (128 KB, rising with use to 32
+    MB) get a mapping of their own, unmapped when freed. On CPU a minibatch's activations, GBs, come
+    and go every step. Here blocks up to 32 MB always come from the heap, and the heap is never
+    shrunk: the process keeps its peak memory. Measured (4 alternating processes): an update 1.12x
+    faster, sampling 192 rows 1.07x, kernel time 34 -> 24 s, the same peak memory."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

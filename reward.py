@@ -26,13 +26,14 @@ import re
 from typing import Callable
 
 SYSTEM_PROMPT = (
-    "You are a helpful assistant. You first think about the reasoning process and then give the answer. "
-    "The reasoning is enclosed in <think> </think> tags and the answer in <answer> </answer> tags, i.e. "
-    "<think> reasoning here </think> <answer> answer here </answer>.")
+    "You are a helpful assistant. You first think about the reasoning process and then give the "
+    "answer. The reasoning is enclosed in <think> </think> tags and the answer in <answer> "
+    "</answer> tags, i.e. <think> reasoning here </think> <answer> answer here </answer>.")
 
 
 def encode_prompt(tok, question: str) -> list[int]:
-    """The prompt's token ids: the system prompt that asks for the format, the question, the chat template."""
+    """The prompt's token ids: the system prompt that asks for the format, the question, the chat
+    template."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tok(text, add_special_tokens=False).input_ids
@@ -116,19 +117,13 @@ def length_rewards(lengths: list[int], correct: list[bool]) -> list[float]:
 
 
 def total_reward(
-    correctness: float,
-    fmt: float,
-    length: float = 0.0,
-    w_correct: float = 0.85,
-    w_format: float = 0.15,
-    w_length: float = 0.0,
-    overlong: float = 0.0,
-    w_overlong: float = 0.0,
-    difficulty: float = 0.0,
-    w_difficulty: float = 0.0,
+    correctness: float, fmt: float, length: float = 0.0, w_correct: float = 0.85,
+    w_format: float = 0.15, w_length: float = 0.0, overlong: float = 0.0,
+    w_overlong: float = 0.0, difficulty: float = 0.0, w_difficulty: float = 0.0,
 ) -> float:
-    """The reward: one weighted sum, here and nowhere else. Correctness dominates; format is a small nudge that
-    mostly matters early, before the model reliably emits the tags; the other terms are off by default."""
+    """The reward: one weighted sum, here and nowhere else. Correctness dominates; format is a small
+    nudge that mostly matters early, before the model reliably emits the tags; the other terms are
+    off by default."""
     return (w_correct * correctness + w_format * fmt + w_length * length + w_overlong * overlong
             + w_difficulty * difficulty)
 
@@ -153,42 +148,44 @@ def score_completion(text: str, entry: dict, score_answer: ScoreFn, partial_cred
     if check_work and not all(lines):
         correctness = 0.0
     return {
-        "answer": answer,
-        "score": score,
-        "correctness": correctness,
-        "format": format_reward(text),
-        "correct": score >= 1.0,
-        "work_lines": len(lines),
+        "answer": answer, "score": score, "correctness": correctness,
+        "format": format_reward(text), "correct": score >= 1.0, "work_lines": len(lines),
         "work_holds": all(lines),
     }
 
 
 def score_group(texts: list[str], lengths: list[int], entry: dict, score_answer: ScoreFn, w,
                 pass_rate: float | None = None) -> list[dict]:
-    """Reward parts and total of the G completions of one question. `w` holds the weights (w_correct, w_format,
-    w_length, w_overlong, w_difficulty), partial_credit, check_work, max_new_tokens and overlong_buffer (grpo.py's
-    Config). pass_rate: the question's pass rate from the curriculum pool; without one, the group's own."""
-    parts = [score_completion(t, entry, score_answer, w.partial_credit, w.check_work) for t in texts]
+    """Reward parts and total of the G completions of one question. `w` holds the weights
+    (w_correct, w_format, w_length, w_overlong, w_difficulty), partial_credit, check_work,
+    max_new_tokens and overlong_buffer (grpo.py's Config). pass_rate: the question's pass rate from
+    the curriculum pool; without one, the group's own."""
+    parts = [score_completion(t, entry, score_answer, w.partial_credit,
+                              w.check_work) for t in texts]
     return add_rewards(parts, lengths, w, pass_rate)
 
 
-def add_rewards(parts: list[dict], lengths: list[int], w, pass_rate: float | None = None) -> list[dict]:
-    """The group-dependent terms and the total reward of each part, from its "correctness" and "correct"."""
+def add_rewards(parts: list[dict], lengths: list[int], w,
+                pass_rate: float | None = None) -> list[dict]:
+    """The group-dependent terms and the total reward of each part, from its "correctness" and
+    "correct"."""
     correct = [p["correct"] for p in parts]
     length = length_rewards(lengths, correct) if w.w_length else [0.0] * len(parts)
     pass_rate = sum(correct) / len(correct) if pass_rate is None else pass_rate
     for p, lam, n in zip(parts, length, lengths):
-        p["length_reward"], p["overlong"] = lam, overlong_penalty(n, w.max_new_tokens, w.overlong_buffer)
+        p["length_reward"], p["overlong"] = lam, overlong_penalty(n, w.max_new_tokens,
+                                                                  w.overlong_buffer)
         p["difficulty_bonus"] = (1 - pass_rate) * p["correct"]
-        p["reward"] = total_reward(p["correctness"], p["format"], lam, w.w_correct, w.w_format, w.w_length,
-                                   p["overlong"], w.w_overlong, p["difficulty_bonus"], w.w_difficulty)
+        p["reward"] = total_reward(p["correctness"], p["format"], lam, w.w_correct, w.w_format,
+                                   w.w_length, p["overlong"], w.w_overlong, p["difficulty_bonus"],
+                                   w.w_difficulty)
     return parts
 
 
 def random_correctness(groups: list[list[dict]], coins: list[float]) -> None:
-    """The spurious-reward control: each part's correctness becomes 1 with the probability that the real
-    correctness had over all `groups` (one coin in [0, 1) per part, in order), else 0. Whatever then differs
-    between a control run and a real one is the verifier's information."""
+    """The spurious-reward control: each part's correctness becomes 1 with the probability that the
+    real correctness had over all `groups` (one coin in [0, 1) per part, in order), else 0. Whatever
+    then differs between a control run and a real one is the verifier's information."""
     parts = [p for group in groups for p in group]
     rate = sum(p["correctness"] for p in parts) / len(parts)
     for p, coin in zip(parts, coins):
@@ -196,14 +193,18 @@ def random_correctness(groups: list[list[dict]], coins: list[float]) -> None:
 
 
 # Worked arithmetic that can be checked: numbers joined by + - * / then "= number" ("61 - 5 = 56",
-# "e = 56 / 8 = 7", "13 + 45 - 7 = 51"), within one line. A match may not start inside a number or a word.
+# "e = 56 / 8 = 7", "13 + 45 - 7 = 51"), within one line. A match may not start inside a number or a
+# word.
 _NUMBER = r"-?\d+(?:\.\d+)?"
-_WORK_RE = re.compile(rf"(?<![\w.])({_NUMBER}(?:[ \t]*[-+*/][ \t]*{_NUMBER})+)[ \t]*=[ \t]*({_NUMBER})(?![\w.])")
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+_WORK_RE = re.compile(rf"(?<![\w.])({_NUMBER}(?:[ \t]*[-+*/][ \t]*{_NUMBER})+)[ \t]*=[ "
+                      rf"\t]*({_NUMBER})(?![\w.])")
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+        ast.Div: operator.truediv}
 
 
 def _arithmetic(node) -> float:
-    """The value of a parsed expression of numbers, + - * / and unary minus (nothing else reaches here)."""
+    """The value of a parsed expression of numbers, + - * / and unary minus (nothing else reaches
+    here)."""
     if isinstance(node, ast.Constant):
         return node.value
     if isinstance(node, ast.UnaryOp):
@@ -212,10 +213,11 @@ def _arithmetic(node) -> float:
 
 
 def work_lines(text: str) -> list[bool]:
-    """Whether each checkable piece of arithmetic in `text` holds. Checkable: numbers joined by + - * / and then
-    "= number", not preceded by an operator or a bracket (in "2*x - 3 + 4 = 8" or "(4 + 5) * 2 = 18" the
-    left side is not all there). An integer result must be exact ("54 / 7 = 8" fails); a result with d decimals
-    must be the value rounded to d decimals ("10 / 3 = 3.33" holds)."""
+    """Whether each checkable piece of arithmetic in `text` holds. Checkable: numbers joined by
+    + - * / and then "= number", not preceded by an operator or a bracket (in "2*x - 3 + 4 = 8" or
+    "(4 + 5) * 2 = 18" the left side is not all there). An integer result must be exact
+    ("54 / 7 = 8" fails); a result with d decimals must be the value rounded to d decimals
+    ("10 / 3 = 3.33" holds)."""
     checks = []
     for m in _WORK_RE.finditer(text):
         before = text[:m.start()].rpartition("\n")[2].rstrip()  # what precedes it on its own line
@@ -225,17 +227,20 @@ def work_lines(text: str) -> list[bool]:
         decimals = len(result.partition(".")[2])
         tolerance = 0.5 * 10 ** -decimals + 1e-9 if decimals else 1e-9
         try:
-            checks.append(abs(_arithmetic(ast.parse(expression, mode="eval").body) - float(result)) <= tolerance)
+            value = _arithmetic(ast.parse(expression, mode="eval").body)
+            checks.append(abs(value - float(result)) <= tolerance)
         except ZeroDivisionError:
             checks.append(False)
-        except (SyntaxError, ValueError, OverflowError, RecursionError):  # not plain arithmetic: not checked
+        # not plain arithmetic: not checked
+        except (SyntaxError, ValueError, OverflowError, RecursionError):
             pass
     return checks
 
 
 def overlong_penalty(length: int, max_len: int, buffer: int) -> float:
-    """DAPO's soft overlong punishment: 0 up to max_len - buffer tokens, then a linear ramp down to -1 at
-    max_len, so that a completion cut off at the limit is penalised smoothly rather than all at once."""
+    """DAPO's soft overlong punishment: 0 up to max_len - buffer tokens, then a linear ramp down to
+    -1 at max_len, so that a completion cut off at the limit is penalised smoothly rather than all
+    at once."""
     if buffer <= 0:
         return -1.0 if length >= max_len else 0.0
     return min(0.0, max(-1.0, (max_len - buffer - length) / buffer))

@@ -2,17 +2,19 @@
 rundir.py: the files of one run, in its out_dir, and how they survive a crash.
 
     log.jsonl      one JSON object per step (and per eval)
-    samples.jsonl  one group of completions per step and a few eval answers, with their reward parts
-    ckpt.pt        trained weights, optimizer, config, step, data position, RNG states, curriculum, the step-0 eval's
-                   verdicts; written to a temporary file and renamed, so a crash never leaves a broken one
-    curves.png     reward, train correctness and format, eval accuracy against the step (report.py)
+    samples.jsonl  one group of completions per step and a few eval answers, with reward parts
+    ckpt.pt        trained weights, optimizer, config, step, data position, RNG states, the
+                   curriculum, the step-0 eval's verdicts; written to a temporary file and renamed,
+                   so a crash never leaves a broken one
+    curves.png     reward, train correctness and format, eval accuracy against the step
     config.toml    the run's resolved flags: --config repeats it
-    tensorboard/, wandb/   with --report_to: every log.jsonl row, for a tracker (wandb offline unless WANDB_MODE says)
+    tensorboard/, wandb/   with --report_to: every log.jsonl row, for a tracker (wandb offline
+                           unless WANDB_MODE says otherwise)
 
-An out_dir holds one run: a new run refuses an out_dir that holds one, unless told to --resume it or to
---overwrite it (the old run is then moved aside, never deleted); --resume refuses flags that would make it another
-run. Only the first process writes. A file that cannot be written (a full disk) stops the run with one line, and
-the last checkpoint stays as it was.
+An out_dir holds one run: a new run refuses an out_dir that holds one, unless told to --resume it or
+to --overwrite it (the old run is then moved aside, never deleted); --resume refuses flags that
+would make it another run. Only the first process writes. A file that cannot be written (a full
+disk) stops the run with one line, and the last checkpoint stays as it was.
 """
 import contextlib
 import dataclasses
@@ -30,17 +32,20 @@ import ddp
 import report
 from flags import fail
 
-SAMPLE_KEYS = ("question", "text", "reward", "score", "correctness", "format", "work_holds", "length_reward",
-               "overlong", "difficulty_bonus", "advantage", "truncated")
+SAMPLE_KEYS = ("question", "text", "reward", "score", "correctness", "format", "work_holds",
+               "length_reward", "overlong", "difficulty_bonus", "advantage", "truncated")
 
 
-# Flags that only steer the rest of a run: --resume may change them. Any other difference makes another run.
-STEERING = ("max_steps", "eval_interval", "save_interval", "eval_only", "resume", "overwrite", "out_dir")
+# Flags that only steer the rest of a run: --resume may change them. Any other difference makes
+# another run.
+STEERING = ("max_steps", "eval_interval", "save_interval", "eval_only", "resume", "overwrite",
+            "out_dir")
 
 
 def claim(out_dir: str, resume: bool, overwrite: bool, markers=("ckpt.pt", "log.jsonl")) -> None:
-    """Check, before any work, that this run may write in out_dir: a new run never mixes into or overwrites another
-    (any of `markers` there means one is); --resume needs one to continue; --overwrite moves the old one aside."""
+    """Check, before any work, that this run may write in out_dir: a new run never mixes into or
+    overwrites another (any of `markers` there means one is); --resume needs one to continue;
+    --overwrite moves the old one aside."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         fail(f"--out_dir {out_dir} is a file: give a folder")
     check_writable(out_dir)
@@ -54,13 +59,13 @@ def claim(out_dir: str, resume: bool, overwrite: bool, markers=("ckpt.pt", "log.
         os.replace(out_dir, aside)
         print(f"--overwrite: the run that was in {out_dir} is now in {aside}")
     elif taken:
-        fail(f"{out_dir} holds a run already: --resume continues it, --overwrite starts again (moving it aside), or "
-             f"pass another --out_dir")
+        fail(f"{out_dir} holds a run already: --resume continues it, --overwrite starts again "
+             f"(moving it aside), or pass another --out_dir")
 
 
 def check_writable(out_dir: str) -> None:
-    """One line now, rather than a traceback at the first write, for an out_dir that cannot be made or written.
-    Folders made to find out are removed again: bad input leaves nothing behind."""
+    """One line now, rather than a traceback at the first write, for an out_dir that cannot be made
+    or written. Folders made to find out are removed again: bad input leaves nothing behind."""
     made, folder = [], os.path.abspath(out_dir)
     while not os.path.exists(folder):
         made.append(folder)
@@ -70,7 +75,8 @@ def check_writable(out_dir: str) -> None:
             os.mkdir(m)
         tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as e:
-        fail(f"--out_dir {out_dir} cannot be written ({e.strerror}): pass a folder this user can write")
+        fail(f"--out_dir {out_dir} cannot be written ({e.strerror}): pass a folder this user can "
+             f"write")
     finally:
         for m in made:
             with contextlib.suppress(OSError):
@@ -79,43 +85,48 @@ def check_writable(out_dir: str) -> None:
 
 @contextlib.contextmanager
 def writing(path: str):
-    """A write that fails (a full disk, a folder gone) stops the run with one line; the last checkpoint is whole
-    (it is written to a temporary file and renamed)."""
+    """A write that fails (a full disk, a folder gone) stops the run with one line; the last
+    checkpoint is whole (it is written to a temporary file and renamed)."""
     try:
         yield
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
-        fail(f"could not write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}): the last "
-             f"checkpoint is intact; free space, then continue with --resume")
+        fail(f"could not write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}): "
+             f"the last checkpoint is intact; free space, then continue with --resume")
 
 
 def check_same_run(cfg, saved: dict, path: str) -> None:
-    """--resume continues one run: each flag must be the checkpoint's, except those that only steer the rest of
-    the run (STEERING), whose changes are named. A flag the checkpoint does not know (older code) is not compared."""
-    differ = [(k, saved[k], v) for k, v in dataclasses.asdict(cfg).items() if k in saved and saved[k] != v]
+    """--resume continues one run: each flag must be the checkpoint's, except those that only steer
+    the rest of the run (STEERING), whose changes are named. A flag the checkpoint does not know
+    (older code) is not compared."""
+    differ = [(k, saved[k], v) for k, v in dataclasses.asdict(cfg).items() if k in saved
+              and saved[k] != v]
     other = [f"--{k} {v} (the run's: {was})" for k, was, v in differ if k not in STEERING]
     if other:
-        fail(f"--resume: {path} is a run with other settings: {', '.join(other)}; pass the run's own, or start a "
-             f"new run in another --out_dir")
+        fail(f"--resume: {path} is a run with other settings: {', '.join(other)}; pass the run's "
+             f"own, or start a new run in another --out_dir")
     steer = [f"--{k} {v} (was {was})" for k, was, v in differ if k not in ("resume", "overwrite")]
     if steer:
         print(f"--resume with {', '.join(steer)}")
 
 
 class Run:
-    """log.jsonl, samples.jsonl, curves.png and ckpt.pt of one run (the folder is made at the first write).
-    --resume: cfg must be the run's own (check_same_run); the rows of steps after the checkpoint, and a line a kill
-    left half-written, are dropped, so every step is logged exactly once."""
+    """log.jsonl, samples.jsonl, curves.png and ckpt.pt of one run (the folder is made at the first
+    write). --resume: cfg must be the run's own (check_same_run); the rows of steps after the
+    checkpoint, and a line a kill left half-written, are dropped, so every step is logged exactly
+    once."""
 
     def __init__(self, out_dir: str, resume: bool, overwrite: bool, write: bool = True, cfg=None):
         if write:
             claim(out_dir, resume, overwrite)
         self.out_dir, self.write = out_dir, write
         self.ckpt_path = os.path.join(out_dir, "ckpt.pt")
-        self.log_path, self.samples_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "samples.jsonl")
+        self.log_path = os.path.join(out_dir, "log.jsonl")
+        self.samples_path = os.path.join(out_dir, "samples.jsonl")
         self.rows, self.tracker = [], None
-        self.report_to, self.config = getattr(cfg, "report_to", ""), dataclasses.asdict(cfg) if cfg else {}
+        self.report_to, self.config = getattr(cfg, "report_to",
+                                              ""), dataclasses.asdict(cfg) if cfg else {}
         if self.report_to and importlib.util.find_spec(self.report_to) is None:
             fail(f"--report_to {self.report_to} needs its package: pip install {self.report_to}")
         if resume:
@@ -131,7 +142,8 @@ class Run:
         kept = [r for r in rows if r["step"] <= step]
         if torn or len(kept) < len(rows):
             print(f"--resume from step {step}: dropped from {os.path.basename(path)} "
-                  f"{len(rows) - len(kept)} rows of later steps" + (" and a half-written last line" if torn else ""))
+                  f"{len(rows) - len(kept)} rows of later steps" + (" and a half-written last line"
+                                                                    if torn else ""))
             if self.write:  # a new file renamed over the old: a kill now loses nothing
                 with writing(path):
                     with open(path + ".tmp", "w") as f:
@@ -156,7 +168,8 @@ class Run:
                 with open(self.log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 report.write_plot(self.out_dir, self.rows)
-            if self.report_to and self.tracker is None:  # opened at the first row: bad input leaves nothing
+            # opened at the first row: bad input leaves nothing
+            if self.report_to and self.tracker is None:
                 self.tracker = tracker(self.report_to, self.out_dir, self.config)
             if self.tracker:
                 self.tracker(row)
@@ -168,18 +181,19 @@ class Run:
                 with open(self.samples_path, "a") as f:
                     f.writelines(json.dumps(r) + "\n" for r in rows)
 
-    def save_checkpoint(self, weights: dict, optimizer, cfg, step: int, questions, generator, pool=None,
-                        eval_start=None) -> None:
+    def save_checkpoint(self, weights: dict, optimizer, cfg, step: int, questions, generator,
+                        pool=None, eval_start=None) -> None:
         if self.write:
             os.makedirs(self.out_dir, exist_ok=True)
             with writing(self.ckpt_path):
-                save_checkpoint(self.ckpt_path, weights, optimizer, cfg, step, questions.index, generator, pool,
-                                eval_start)
+                save_checkpoint(self.ckpt_path, weights, optimizer, cfg, step, questions.index,
+                                generator, pool, eval_start)
 
 
 def tracker(name: str, out_dir: str, config: dict):
-    """--report_to: a function that sends a log row's numbers to tensorboard or wandb (offline unless WANDB_MODE
-    says otherwise; `wandb sync` uploads later). The package is imported here, only when asked for."""
+    """--report_to: a function that sends a log row's numbers to tensorboard or wandb (offline
+    unless WANDB_MODE says otherwise; `wandb sync` uploads later). The package is imported here,
+    only when asked for."""
     if name == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
@@ -190,18 +204,20 @@ def tracker(name: str, out_dir: str, config: dict):
             writer.flush()
         return log
     import wandb
-    run = wandb.init(project="grpo", name=os.path.basename(os.path.abspath(out_dir)), dir=out_dir, config=config,
-                     mode=os.environ.get("WANDB_MODE", "offline"))
+    run = wandb.init(project="grpo", name=os.path.basename(os.path.abspath(out_dir)), dir=out_dir,
+                     config=config, mode=os.environ.get("WANDB_MODE", "offline"))
     return lambda row: run.log(dict(numbers(row)), step=row["step"])
 
 
 def numbers(row: dict) -> list[tuple[str, float]]:
-    return [(k, v) for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return [(k, v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))
+            and not isinstance(v, bool)]
 
 
 def read_rows(path: str) -> tuple[list[dict], bool]:
-    """The rows of a JSONL file this run wrote, and whether its last line was torn (a kill in mid-write): that line
-    is left out. A bad line anywhere else is damage no resume should guess around."""
+    """The rows of a JSONL file this run wrote, and whether its last line was torn (a kill in
+    mid-write): that line is left out. A bad line anywhere else is damage no resume should guess
+    around."""
     lines = open(path).read().split("\n") if os.path.exists(path) else []
     rows = []
     for i, line in enumerate(lines):
@@ -212,26 +228,28 @@ def read_rows(path: str) -> tuple[list[dict], bool]:
         except json.JSONDecodeError:
             if i == len(lines) - 1:  # no newline after it: the write was cut
                 return rows, True
-            fail(f"{path}, line {i + 1}, is not JSON: the file is damaged; move it aside to continue without it")
+            fail(f"{path}, line {i + 1}, is not JSON: the file is damaged; move it aside to "
+                 f"continue without it")
         rows.append(row)
     return rows, False
 
 
-def save_checkpoint(path: str, weights: dict, optimizer, cfg, step: int, data_index: int, generator, pool=None,
-                    eval_start=None) -> None:
-    """weights: what trains (grpo.trainable_state_dict). eval_start: each held-out question's greedy verdict at
-    step 0, which later evals are paired with."""
+def save_checkpoint(path: str, weights: dict, optimizer, cfg, step: int, data_index: int, generator,
+                    pool=None, eval_start=None) -> None:
+    """weights: what trains (grpo.trainable_state_dict). eval_start: each held-out question's greedy
+    verdict at step 0, which later evals are paired with."""
     ckpt = {"step": step, "config": dataclasses.asdict(cfg), "model": weights,
-            "optimizer": optimizer.state_dict(), "data_index": data_index, "pool": pool and pool.state_dict(),
-            "eval_start": eval_start,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "generator": generator.get_state()}}
+            "optimizer": optimizer.state_dict(), "data_index": data_index,
+            "pool": pool and pool.state_dict(), "eval_start": eval_start,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "generator": generator.get_state()}}
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
 def read_checkpoint(path: str, cfg=None) -> dict:
-    """A checkpoint of grpo.py or sft.py, checked against this run's model and LoRA shape (cfg) before any heavy
-    work; cfg None: the checkpoint's own config is the run's (sample.py)."""
+    """A checkpoint of grpo.py or sft.py, checked against this run's model and LoRA shape (cfg)
+    before any heavy work; cfg None: the checkpoint's own config is the run's (sample.py)."""
     if not os.path.exists(path):
         fail(f"checkpoint {path} does not exist")
     try:
@@ -239,12 +257,14 @@ def read_checkpoint(path: str, cfg=None) -> dict:
         saved = ckpt["config"]
         ckpt["model"]
     except Exception as e:
-        fail(f"{path} is not a checkpoint of grpo.py or sft.py ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        fail(f"{path} is not a checkpoint of grpo.py or sft.py "
+             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
     for key in ("model", "lora_r", "lora_alpha", "lora_targets") if cfg is not None else ():
         if saved.get(key) != getattr(cfg, key):
-            fail(f"{path} was trained with --{key} {saved.get(key)}, this run has --{key} {getattr(cfg, key)}: "
-                 f"pass the same")
-    if cfg is not None and saved.get("task", cfg.task) != cfg.task:  # a transfer may be meant: go on
+            fail(f"{path} was trained with --{key} {saved.get(key)}, this run has --{key} "
+                 f"{getattr(cfg, key)}: pass the same")
+    # a transfer may be meant: go on
+    if cfg is not None and saved.get("task", cfg.task) != cfg.task:
         print(f"note: {path} was trained on --task {saved['task']}, this run on --task {cfg.task}")
     return ckpt
 
@@ -257,7 +277,8 @@ def load_weights(model, ckpt: dict) -> None:
     model.load_state_dict(ckpt["model"], strict=False)
 
 
-def restore(ckpt: dict, optimizer, questions, pool, generator, rank: int) -> tuple[int, list | None]:
+def restore(ckpt: dict, optimizer, questions, pool, generator, rank: int) -> tuple[int,
+                                                                                   list | None]:
     """--resume: the optimizer, data position, curriculum and every random state of the checkpoint.
     Returns (step, the step-0 eval's verdicts)."""
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -266,7 +287,8 @@ def restore(ckpt: dict, optimizer, questions, pool, generator, rank: int) -> tup
         pool.load_state_dict(ckpt["pool"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     random.setstate(ckpt["rng"]["python"])
-    if rank == 0:  # the checkpoint holds the first process's sampling state; the others start afresh
+    # the checkpoint holds the first process's sampling state; the others start afresh
+    if rank == 0:
         generator.set_state(ckpt["rng"]["generator"])
     else:
         generator.manual_seed(ckpt["config"]["seed"] + rank + 1000 * ckpt["step"])
@@ -274,8 +296,8 @@ def restore(ckpt: dict, optimizer, questions, pool, generator, rank: int) -> tup
 
 
 class StopOnSignal:
-    """SIGTERM (preemption) or Ctrl-C: the step in progress finishes and is checkpointed, then the run exits; a second
-    signal stops at once."""
+    """SIGTERM (preemption) or Ctrl-C: the step in progress finishes and is checkpointed, then the
+    run exits; a second signal stops at once."""
 
     def __init__(self):
         self.signals = 0
@@ -286,8 +308,10 @@ class StopOnSignal:
         self.signals += 1
         if self.signals > 1:
             raise KeyboardInterrupt
-        print(f"signal {signum}: finishing this step, then saving the checkpoint (again to stop now)", flush=True)
+        print(f"signal {signum}: finishing this step, then saving the checkpoint (again to stop "
+              f"now)", flush=True)
 
     def requested(self) -> bool:
-        """Whether any process got a signal (all processes read it together, so they stop at the same step)."""
+        """Whether any process got a signal (all processes read it together, so they stop at the
+        same step)."""
         return bool(ddp.all_sum(torch.tensor(self.signals)))

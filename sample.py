@@ -1,13 +1,13 @@
 """
 sample.py: answer questions with a trained checkpoint, and export it.
 
-    python sample.py --ckpt out/ckpt.pt                       # 5 held-out questions, with their reward parts
+    python sample.py --ckpt out/ckpt.pt                     # 5 held-out questions, reward parts
     python sample.py --ckpt out/ckpt.pt --prompt "Is 91 prime? Answer Yes or No."
-    python sample.py --ckpt out/ckpt.pt --export merged/      # a plain Hugging Face model + a PEFT adapter
+    python sample.py --ckpt out/ckpt.pt --export merged/    # a plain HF model + a PEFT adapter
 
 --export DIR writes the model with the LoRA adapter merged into its weights (transformers'
-AutoModelForCausalLM.from_pretrained(DIR) loads it, no code of ours needed) and, in DIR/adapter, the adapter
-alone in the layout PEFT reads (adapter_config.json + adapter_model.safetensors).
+AutoModelForCausalLM.from_pretrained(DIR) loads it, no code of ours needed) and, in DIR/adapter, the
+adapter alone in the layout PEFT reads (adapter_config.json + adapter_model.safetensors).
 """
 import dataclasses
 import json
@@ -37,8 +37,9 @@ class SampleConfig:
     temperature: float = opt(0.0, "sampling temperature (0: greedy)", at_least=0)
     export: str = opt("", "write the merged model here (and the PEFT adapter in DIR/adapter)")
     device: str = opt("auto", "cpu, cuda, or auto", choices=("auto", "cpu", "cuda"))
-    dtype: str = opt("auto", "float32, bfloat16, float16, or auto (as grpo.py; --export always merges in float32)",
-                     choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = opt("auto",
+                     "float32, bfloat16, float16, or auto (as grpo.py; --export always merges in "
+                     "float32)", choices=("auto", "float32", "bfloat16", "float16"))
 
 
 def merge_lora(model) -> None:
@@ -56,21 +57,26 @@ def merge_lora(model) -> None:
 
 
 def export_peft_adapter(model, cfg, base_name: str, out: str) -> None:
-    """The adapter in PEFT's layout: keys base_model.model.<module>.lora_A.weight, and its config."""
+    """The adapter in PEFT's layout: keys base_model.model.<module>.lora_A.weight, and its
+    config."""
     from safetensors.torch import save_file
     os.makedirs(out, exist_ok=True)
-    tensors = {f"base_model.model.{k}.weight": v.contiguous() for k, v in grpo.trainable_state_dict(model).items()}
+    tensors = {f"base_model.model.{k}.weight": v.contiguous()
+               for k, v in grpo.trainable_state_dict(model).items()}
     save_file(tensors, os.path.join(out, "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name, "r": cfg.lora_r,
-              "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+              "r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": False,
               "target_modules": cfg.lora_targets.split(","), "inference_mode": True}
     with open(os.path.join(out, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
 
 def load(ckpt_path: str, device: str = "auto", dtype: str = "auto"):
-    """The model of a grpo.py or sft.py checkpoint, with its trained weights; and the run's config."""
-    ckpt = rundir.read_checkpoint(ckpt_path)  # read once; its config says which model and LoRA to build
+    """The model of a grpo.py or sft.py checkpoint, with its trained weights; and the run's
+    config."""
+    # read once; its config says which model and LoRA to build
+    ckpt = rundir.read_checkpoint(ckpt_path)
     cfg = dataclasses.replace(grpo.Config(), **{k: v for k, v in ckpt["config"].items()
                                                 if k in grpo.Config.__dataclass_fields__})
     model, tok = weights.load(cfg.model, *weights.resolve_device(device, dtype))
@@ -96,8 +102,9 @@ def main(args: SampleConfig):
         task, entries = T.held_out(args.task or cfg.task, args.n)
         score = task.score_answer
     prompts = [R.encode_prompt(tok, e["question"]) for e in entries]
-    completions, _ = grpo.generate(model, prompts, 1, args.max_new_tokens, args.temperature, 1.0, tok.eos_token_id,
-                                   torch.Generator(device=model.lm_head.weight.device).manual_seed(0))
+    generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(0)
+    completions, _ = grpo.generate(model, prompts, 1, args.max_new_tokens, args.temperature,
+                                   top_p=1.0, eos_id=tok.eos_token_id, generator=generator)
     for e, c in zip(entries, completions):
         text = tok.decode(c, skip_special_tokens=True)
         print("=" * 100 + f"\n{e['question']}\n" + "-" * 100 + f"\n{text}\n" + "-" * 100)
@@ -106,7 +113,8 @@ def main(args: SampleConfig):
             print(f"reference {e['answer']!r} | answer {s['answer']!r} | score {s['score']:.2f} | "
                   f"format {s['format']:.0f} | {len(c)} tokens")
         else:
-            print(f"answer {R.extract_answer(text)!r} | format {R.format_reward(text):.0f} | {len(c)} tokens")
+            print(f"answer {R.extract_answer(text)!r} | format {R.format_reward(text):.0f} | "
+                  f"{len(c)} tokens")
 
 
 if __name__ == "__main__":

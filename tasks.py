@@ -2,14 +2,15 @@
 tasks.py: where the questions come from, and the curriculum that picks among them.
 
 --task takes one of:
-    syllogism                                   a reasoning-gym task
-    syllogism:invalid_ratio=0.5                 ... with its settings (here: a balanced Yes/No set)
-    syllogism@2,propositional_logic@1           several tasks, drawn with these weights (reasoning-gym's composite);
-                                                each answer is scored by its own task's verifier
-    data/gsm8k.jsonl                            your own question/answer lines; GSM8K's "... #### 42" answers are
-                                                understood; numbers are compared as numbers, other answers exactly
-Every task is a dataset: task[i] is an entry {"question", "answer", "metadata": {"source_dataset", ...}} and
-task.score_answer(answer, entry) a score in [0, 1].
+    syllogism                            a reasoning-gym task
+    syllogism:invalid_ratio=0.5          ... with its settings (here: a balanced Yes/No set)
+    syllogism@2,propositional_logic@1    several tasks, drawn with these weights (reasoning-gym's
+                                         composite); each answer scored by its own task's verifier
+    data/gsm8k.jsonl                     your own question/answer lines; GSM8K's "... #### 42"
+                                         answers are understood; numbers are compared as numbers,
+                                         other answers exactly
+Every task is a dataset: task[i] is an entry {"question", "answer", "metadata": {"source_dataset",
+...}} and task.score_answer(answer, entry) a score in [0, 1].
 """
 import difflib
 import json
@@ -18,11 +19,13 @@ import random
 
 from flags import fail
 
-EVAL_SEED = 10**9  # the held-out questions: a seed far from any training seed, the same in every run
+# the held-out questions: a seed far from any training seed, the same in every run
+EVAL_SEED = 10**9
 
 
 def split_top_level(spec: str) -> list[str]:
-    """Split at the commas outside brackets: a setting's value may be a JSON list (weights=[1,0,0])."""
+    """Split at the commas outside brackets: a setting's value may be a JSON list
+    (weights=[1,0,0])."""
     items, depth, start = [], 0, 0
     for i, c in enumerate(spec):
         depth += (c in "[{") - (c in "]}")
@@ -42,12 +45,15 @@ def parse_spec(spec: str) -> list[tuple[str, float, dict]]:
         for kv in settings:
             key, eq, value = kv.partition("=")
             if not eq:
-                fail(f"task setting {kv!r} in {spec!r}: write key=value, e.g. syllogism:invalid_ratio=0.5")
+                fail(f"task setting {kv!r} in {spec!r}: write key=value, e.g. "
+                     f"syllogism:invalid_ratio=0.5")
             try:
-                kwargs[key] = json.loads(value)  # numbers, true/false, [lists]; anything else stays a string
+                # numbers, true/false, [lists]; anything else stays a string
+                kwargs[key] = json.loads(value)
             except json.JSONDecodeError:
                 if value.startswith(("[", "{")):
-                    fail(f"task setting {kv!r} in {spec!r}: {value} is not valid JSON (e.g. weights=[1.0,0,0])")
+                    fail(f"task setting {kv!r} in {spec!r}: {value} is not valid JSON (e.g. "
+                         f"weights=[1.0,0,0])")
                 kwargs[key] = value
         try:
             parts.append((name, float(weight or 1), kwargs))
@@ -67,7 +73,8 @@ def make_task(spec: str, size: int, seed: int):
         if name not in DATASETS:
             close = difflib.get_close_matches(name, DATASETS, n=3)
             fail(f"unknown task {name!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
-                 + " (list them: python -c 'import reasoning_gym.factory as f; print(sorted(f.DATASETS))')")
+                 + " (list them: python -c 'import reasoning_gym.factory as f; "
+                   "print(sorted(f.DATASETS))')")
     try:
         if len(parts) == 1:
             name, _, kwargs = parts[0]
@@ -76,13 +83,14 @@ def make_task(spec: str, size: int, seed: int):
             from reasoning_gym.composite import DatasetSpec
             specs = [DatasetSpec(name=n, weight=w, config=kw) for n, w, kw in parts]
             task = reasoning_gym.create_dataset("composite", size=size, seed=seed, datasets=specs)
-        task[0]  # a setting of the wrong kind often fails only when an item is made: now, not mid-run
+        # a setting of the wrong kind often fails only when an item is made: now, not mid-run
+        task[0]
         return task
     except (TypeError, AssertionError, ValueError, KeyError, IndexError) as e:
         fail(f"task {spec!r}: {e or 'invalid setting'}")
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Your own data: one {"question": ..., "answer": ...} per line
 
 def reference_answer(answer) -> str:
@@ -99,8 +107,8 @@ def as_number(text: str):
 
 
 def score_exact_or_numeric(answer, entry: dict) -> float:
-    """1 when answer and reference are equal as numbers ("1,000" == "1000.0"), or else as strings ignoring case
-    and surrounding space; 0 otherwise."""
+    """1 when answer and reference are equal as numbers ("1,000" == "1000.0"), or else as strings
+    ignoring case and surrounding space; 0 otherwise."""
     if answer is None:
         return 0.0
     a, b = as_number(answer), as_number(entry["answer"])
@@ -123,9 +131,11 @@ class JsonlTask:
                 row = json.loads(line)
                 question, answer = row["question"], reference_answer(row["answer"])
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                fail(f"{path}:{n}: each line must be a JSON object with \"question\" and \"answer\" ({type(e).__name__})")
+                fail(f"{path}:{n}: each line must be a JSON object with \"question\" and "
+                     f"\"answer\" ({type(e).__name__})")
             self.entries.append({"question": question, "answer": answer,
-                                 "metadata": {"source_dataset": name, "source_index": len(self.entries)}})
+                                 "metadata": {"source_dataset": name,
+                                              "source_index": len(self.entries)}})
         if not self.entries:
             fail(f"{path}: no questions in it")
         self.order = list(range(len(self.entries)))
@@ -144,8 +154,8 @@ class JsonlTask:
 
 
 def eval_entries(task, size: int) -> list[dict]:
-    """The first `size` distinct questions of the task (all of a shorter task): a small task repeats questions, and
-    a question counted twice would weigh twice in every accuracy."""
+    """The first `size` distinct questions of the task (all of a shorter task): a small task repeats
+    questions, and a question counted twice would weigh twice in every accuracy."""
     entries, seen = [], set()
     for i in range(len(task)):
         if len(entries) == size:
@@ -158,8 +168,8 @@ def eval_entries(task, size: int) -> list[dict]:
 
 
 def held_out(spec: str, size: int, seed: int = EVAL_SEED) -> tuple:
-    """The held-out task and its first `size` distinct questions; the task is built 4x larger to leave
-    room for the questions a small task repeats (a JSONL file is read whole)."""
+    """The held-out task and its first `size` distinct questions; the task is built 4x larger to
+    leave room for the questions a small task repeats (a JSONL file is read whole)."""
     task = make_task(spec, 4 * size, seed)
     return task, eval_entries(task, size)
 
@@ -169,8 +179,8 @@ def source(entry: dict) -> str:
 
 
 class Questions:
-    """The training questions in order, skipping the held-out ones; `index` is where the next one is read (a
-    checkpoint keeps it, so --resume goes on where the run was)."""
+    """The training questions in order, skipping the held-out ones; `index` is where the next one is
+    read (a checkpoint keeps it, so --resume goes on where the run was)."""
 
     def __init__(self, task, held_out: set, index: int = 0):
         self.task, self.held_out, self.index = task, held_out, index
@@ -180,18 +190,21 @@ class Questions:
         while self.task[self.index]["question"] in self.held_out:
             self.index, skipped = self.index + 1, skipped + 1
             if skipped > 10**5:
-                fail("every training question is also an eval question: lower --eval_size or use a larger task")
+                fail("every training question is also an eval question: lower --eval_size or use a "
+                     "larger task")
         self.index += 1
         return self.task[self.index - 1]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Curriculum by pass rate (after Kimi 1.5): a pool of questions, each with the pass rates of its GRPO groups.
+# --------------------------------------------------------------------------------------------------
+# Curriculum by pass rate (after Kimi 1.5): a pool of questions, each with the pass rates of its
+# GRPO groups.
 
 class Pool:
-    """`size` active questions drawn from a task. Each rollout draws questions with weight p (1 - p) + 0.05, p being
-    the question's recent pass rate (0.5 for an unseen one), so questions that are sometimes solved come up most.
-    A question every sample solved on each of its last `retire_after` visits is retired and replaced."""
+    """`size` active questions drawn from a task. Each rollout draws questions with weight p (1 - p)
+    + 0.05, p being the question's recent pass rate (0.5 for an unseen one), so questions that are
+    sometimes solved come up most. A question every sample solved on each of its last `retire_after`
+    visits is retired and replaced."""
 
     def __init__(self, size: int, retire_after: int = 2):
         self.size, self.retire_after = size, retire_after
@@ -220,8 +233,9 @@ class Pool:
         self.active[index]["history"].append(pass_rate)
 
     def retire_solved(self) -> None:
-        keep = [q for q in self.active if not (len(q["history"]) >= self.retire_after and
-                                               all(p == 1.0 for p in q["history"][-self.retire_after:]))]
+        solved = lambda q: (len(q["history"]) >= self.retire_after
+                            and all(p == 1.0 for p in q["history"][-self.retire_after:]))
+        keep = [q for q in self.active if not solved(q)]
         self.retired += len(self.active) - len(keep)
         self.active = keep
 
@@ -230,9 +244,9 @@ class Pool:
         return sum(h) / len(h) if h else 0.5
 
     def stats(self) -> dict:
-        seen = [q for q in self.active if q["history"]]
+        rates = [sum(q["history"]) / len(q["history"]) for q in self.active if q["history"]]
         return {"pool_active": len(self.active), "pool_retired": self.retired,
-                "pool_pass_rate": sum(sum(q["history"]) / len(q["history"]) for q in seen) / len(seen) if seen else 0.0}
+                "pool_pass_rate": sum(rates) / len(rates) if rates else 0.0}
 
     def state_dict(self) -> dict:
         return {"active": self.active, "retired": self.retired}

@@ -1,6 +1,6 @@
-"""Shared fixtures: tiny random models built from a config (no download), and the bundled real model. Each tiny
-model is model.py's Model holding the weights of a random transformers model, its twin (hf_twin), which the tests
-use as the independent reference."""
+"""Shared fixtures: tiny random models built from a config (no download), and the bundled real
+model. Each tiny model is model.py's Model holding the weights of a random transformers model, its
+twin (hf_twin), which the tests use as the independent reference."""
 import types
 
 import pytest
@@ -11,14 +11,18 @@ from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCa
 import model as M
 
 EOS = 2
-COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=EOS, pad_token_id=0,
-              tie_word_embeddings=True, initializer_range=0.2)  # a large init spreads logits: no near-ties
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=EOS,
+              pad_token_id=0,
+              # a large init spreads logits: no near-ties
+              tie_word_embeddings=True, initializer_range=0.2)
 
 
 def tiny_hf_model(arch: str = "llama", dtype=torch.float64, seed: int = 0, **config):
-    """A 2-layer random transformers model. float64 by default so that cached and recomputed forward passes agree
-    far beyond any argmax tie (the point of the tests is the algorithm, not fp32 rounding)."""
+    """A 2-layer random transformers model. float64 by default so that cached and recomputed forward
+    passes agree far beyond any argmax tie (the point of the tests is the algorithm, not fp32
+    rounding)."""
     torch.manual_seed(seed)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**{**COMMON, **config}))
@@ -26,19 +30,22 @@ def tiny_hf_model(arch: str = "llama", dtype=torch.float64, seed: int = 0, **con
         model = Qwen2ForCausalLM(Qwen2Config(**{**COMMON, **config}))
     else:
         model = Qwen3ForCausalLM(Qwen3Config(**{**COMMON, "head_dim": 16, **config}))
-    with torch.no_grad():  # a louder EOS logit, so that some rows stop early and others run to the limit
+    # a louder EOS logit, so that some rows stop early and others run to the limit
+    with torch.no_grad():
         model.lm_head.weight[EOS] *= 3
         for name, p in model.named_parameters():  # biases start at 0: make them count
             if name.endswith(".bias"):
                 p.normal_(0, 0.2)
-    for m in model.modules():  # HF's RMSNorm computes in float32 even in a float64 model: make it float64 too, so
+    # HF's RMSNorm computes in float32 even in a float64 model: make it float64 too, so
+    for m in model.modules():
         if type(m).__name__.endswith("RMSNorm"):  # that the twin is exact in float64 as well
             m.forward = types.MethodType(exact_rms_norm, m)
     return model.to(dtype).eval()
 
 
 def tiny_model(arch: str = "llama", dtype=torch.float64, seed: int = 0, **config):
-    """model.py's Model with the weights of tiny_hf_model(arch, dtype, seed) (copies: the twin stays untouched)."""
+    """model.py's Model with the weights of tiny_hf_model(arch, dtype, seed) (copies: the twin stays
+    untouched)."""
     hf = tiny_hf_model(arch, dtype, seed, **config)
     model = M.from_hf(hf)
     model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
@@ -79,8 +86,9 @@ def real_model():
     return model.eval(), tok
 
 
-CHAT_TEMPLATE = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}"
-                 "{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}")
+CHAT_TEMPLATE = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + "
+                 "'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt "
+                 "%}{{'<|im_start|>assistant\n'}}{% endif %}")
 
 
 def byte_tokenizer():
@@ -91,8 +99,8 @@ def byte_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                   bos_token="<|im_start|>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", bos_token="<|im_start|>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -111,9 +119,9 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def padded_sequences(samples: list, pad_id: int = EOS):
-    """The plain layout, for reference computations: prompt + completion of each sample right-padded into one
-    row. Returns ids, mask (N, L), `predicts` (N, L): True where the next token is a completion token, and the
-    completion tokens in order (T,)."""
+    """The plain layout, for reference computations: prompt + completion of each sample right-padded
+    into one row. Returns ids, mask (N, L), `predicts` (N, L): True where the next token is a
+    completion token, and the completion tokens in order (T,)."""
     seqs = [s.prompt + s.completion for s in samples]
     L = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
@@ -128,7 +136,8 @@ def padded_sequences(samples: list, pad_id: int = EOS):
 
 
 def on_policy(samples: list) -> list:
-    """The samples with no old log-probs recorded: the next training pass is the sampling policy's."""
+    """The samples with no old log-probs recorded: the next training pass is the sampling
+    policy's."""
     for s in samples:
         s.old_logp = None
     return samples

@@ -1,7 +1,7 @@
-"""bf16 on CPU: the same algorithm within bf16's rounding. Each comparison is against float64 on the same
-(bf16-rounded) weights, with a tolerance that a wrong position, prompt or mask would exceed; the tests check that
-too. The tiny models use initializer_range 0.05: at 0.2 their activations are so large that bf16's error reaches the
-size of those mistakes."""
+"""bf16 on CPU: the same algorithm within bf16's rounding. Each comparison is against float64 on the
+same (bf16-rounded) weights, with a tolerance that a wrong position, prompt or mask would exceed;
+the tests check that too. The tiny models use initializer_range 0.05: at 0.2 their activations are
+so large that bf16's error reaches the size of those mistakes."""
 import pytest
 import torch
 
@@ -15,7 +15,8 @@ TOL = 0.05  # largest bf16 error seen here 0.023; the nearest mistake 0.12
 
 
 def pair(arch="llama", lora=False):
-    """The same weights in bf16 and in float64 (the bf16 values, widened); LoRA weights random, fp32 in both."""
+    """The same weights in bf16 and in float64 (the bf16 values, widened); LoRA weights random, fp32
+    in both."""
     models = []
     for dtype in (torch.bfloat16, torch.float64):
         m = tiny_model(arch, dtype=torch.bfloat16, initializer_range=0.05).to(dtype)
@@ -24,7 +25,8 @@ def pair(arch="llama", lora=False):
             g = torch.Generator().manual_seed(1)
             for p in m.parameters():
                 if p.requires_grad:
-                    p.data = (torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.05).to(p.dtype)
+                    p.data = (torch.randn(p.shape, generator=g,
+                                          dtype=torch.float64) * 0.05).to(p.dtype)
         models.append(m)
     return models
 
@@ -34,22 +36,27 @@ def pair(arch="llama", lora=False):
 def test_bf16_sampler_draws_from_the_full_model_s_logits(arch, prompts, monkeypatch):
     m16, m64 = pair(arch)
     seen, sample_next = [], grpo.sample_next
-    monkeypatch.setattr(grpo, "sample_next", lambda lg, *a: seen.append(lg.clone()) or sample_next(lg, *a))
+    spy = lambda scores, *a: seen.append(scores.clone()) or sample_next(scores, *a)
+    monkeypatch.setattr(grpo, "sample_next", spy)
     G = 4
-    completions, _ = grpo.generate(m16, prompts, G, 16, 1.0, 1.0, EOS, torch.Generator().manual_seed(0))
+    completions, _ = grpo.generate(m16, prompts, G, 16, 1.0, 1.0, EOS,
+                                   torch.Generator().manual_seed(0))
     for i, c in enumerate(completions):
         prompt, other = prompts[i // G], prompts[(i // G + 1) % len(prompts)]
         for t in range(len(c)):
             want = logits(m64, torch.tensor([prompt + c[:t]]))[0, -1]
-            assert (seen[t].double() - want).abs().max(-1).values.min() < TOL  # one of step t's rows is row i
+            # one of step t's rows is row i
+            assert (seen[t].double() - want).abs().max(-1).values.min() < TOL
             mistakes = [other + c[:t], prompt[1:] + c[:t]] + ([prompt + c[:t - 1]] if t else [])
-            for wrong in mistakes:  # a wrong prompt, a dropped token, the previous position: all beyond TOL
+            # a wrong prompt, a dropped token, the previous position: all beyond TOL
+            for wrong in mistakes:
                 assert (logits(m64, torch.tensor([wrong]))[0, -1] - want).abs().max() > TOL
 
 
 def test_bf16_log_probs_and_lora_gradients_match_float64():
     m16, m64 = pair(lora=True)
-    assert {p.dtype for p in m16.parameters() if p.requires_grad} == {torch.float32}  # fp32 master weights
+    # fp32 master weights
+    assert {p.dtype for p in m16.parameters() if p.requires_grad} == {torch.float32}
     buffer = make_buffer(m64)
     batch = grpo.collate(buffer, EOS, "cpu")
     with torch.no_grad():
@@ -68,7 +75,8 @@ def test_lora_weights_stay_fp32_in_a_bf16_model_so_small_steps_are_kept():
     model = tiny_model("llama", dtype=torch.bfloat16, initializer_range=0.05)
     grpo.apply_lora(model, 4, 8.0, "q_proj")
     layer = model.model.layers[0].self_attn.q_proj
-    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32 and layer.base.weight.dtype == torch.bfloat16
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    assert layer.base.weight.dtype == torch.bfloat16
     assert layer.merged_weight().dtype == torch.bfloat16
     with torch.no_grad():  # as after some training: both matrices far from 0
         layer.lora_A.normal_(0, 0.1)
@@ -80,28 +88,33 @@ def test_lora_weights_stay_fp32_in_a_bf16_model_so_small_steps_are_kept():
     moved = (layer.lora_B - before).abs()
     assert moved.max() > 5e-6  # AdamW's first step moves each weight by about lr
     # the same step on bf16 weights would be lost: most of them round back to where they were
-    assert (layer.lora_B.detach().to(torch.bfloat16) == before.to(torch.bfloat16)).float().mean() > 0.9
+    same = layer.lora_B.detach().to(torch.bfloat16) == before.to(torch.bfloat16)
+    assert same.float().mean() > 0.9
 
 
 def test_a_bf16_update_runs_and_changes_only_lora_weights():
     model = tiny_model("llama", dtype=torch.bfloat16, initializer_range=0.05)
     grpo.apply_lora(model, 4, 8.0, "q_proj,v_proj,down_proj")
     cfg = cfg_for(batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3, warmup_steps=0)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    stats = grpo.update(model, opt, make_buffer(model), cfg, EOS, torch.Generator().manual_seed(0), "cpu")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                            lr=cfg.learning_rate)
+    stats = grpo.update(model, opt, make_buffer(model), cfg, EOS, torch.Generator().manual_seed(0),
+                        "cpu")
     assert stats["optimizer_steps"] == 2 and stats["grad_norm"] > 0 and stats["skipped_steps"] == 0
 
 
-@pytest.mark.skipif(not packed.packing_works(torch.bfloat16), reason="oneDNN's packed bf16 ops are not in this torch")
+@pytest.mark.skipif(not packed.packing_works(torch.bfloat16),
+                    reason="oneDNN's packed bf16 ops are not in this torch")
 def test_packed_bf16_weights_multiply_like_f_linear():
     w, x = torch.randn(96, 64, dtype=torch.bfloat16), torch.randn(5, 64, dtype=torch.bfloat16)
     frozen = packed.FrozenLinear(w, None, rows=5)
     assert frozen.packed is not None
-    assert torch.allclose(frozen(x).float(), torch.nn.functional.linear(x, w).float(), rtol=1e-2, atol=1e-2)
+    assert torch.allclose(frozen(x).float(), torch.nn.functional.linear(x, w).float(), rtol=1e-2,
+                          atol=1e-2)
 
 
-@pytest.mark.parametrize("flag, dtype", [("avx512_bf16", torch.bfloat16), ("amx_bf16", torch.bfloat16),
-                                         (None, torch.float32)])
+@pytest.mark.parametrize("flag, dtype", [("avx512_bf16", torch.bfloat16),
+                                         ("amx_bf16", torch.bfloat16), (None, torch.float32)])
 def test_auto_dtype_on_cpu_is_bf16_only_where_the_cpu_makes_it_fast(flag, dtype, monkeypatch):
     monkeypatch.setattr(weights, "fast_bf16_flag", lambda: flag)
     device, chosen, why = weights.resolve_device("cpu", "auto")

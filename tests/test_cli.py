@@ -1,4 +1,5 @@
-"""The command line: flags, clear errors for bad input, and whole runs of grpo.py on a tiny model."""
+"""The command line: flags, clear errors for bad input, and whole runs of grpo.py on a tiny
+model."""
 import dataclasses
 import json
 import os
@@ -17,18 +18,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "grpo.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "grpo.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def test_help_lists_every_config_field_with_its_default():
     out = " ".join(run_cli("--help").stdout.split())  # undo line wrapping
     for f in dataclasses.fields(grpo.Config):
         assert f"--{f.name}" in out
-    assert "(default: 300)" in out and "(default: syllogism:invalid_ratio=0.5)" in out and "--config CONFIG" in out
+    assert "(default: 300)" in out
+    assert "(default: syllogism:invalid_ratio=0.5)" in out
+    assert "--config CONFIG" in out
 
 
 def expect_usage_error(args, tmp_path) -> str:
-    """Run grpo.py with bad input: a one-line error, exit code 2, no traceback, nothing written. Returns stderr."""
+    """Run grpo.py with bad input: a one-line error, exit code 2, no traceback, nothing written.
+    Returns stderr."""
     r = run_cli(*args, "--out_dir", str(tmp_path / "out"))
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -58,11 +63,14 @@ def test_task_settings_reach_reasoning_gym():
 
 
 def small_config(model_dir, out_dir, **kw):
-    small = dict(model=model_dir, out_dir=str(out_dir), task="syllogism", max_new_tokens=8, exploration_batchsize=2,
-                 G=2, buffer_size=4, batch_size=2, gradient_accumulation_steps=2, eval_size=4, eval_interval=1,
-                 lora_r=4, lora_alpha=8.0,
-                 dtype="float32",  # auto would pick bf16 on some CPUs: the tests pin the dtype they check
-                 no_signal_steps=0)  # a random model never writes the tags: the tests train it all the same
+    small = dict(model=model_dir, out_dir=str(out_dir), task="syllogism", max_new_tokens=8,
+                 exploration_batchsize=2,
+                 G=2, buffer_size=4, batch_size=2, gradient_accumulation_steps=2, eval_size=4,
+                 eval_interval=1, lora_r=4, lora_alpha=8.0,
+                 # auto would pick bf16 on some CPUs: the tests pin the dtype they check
+                 dtype="float32",
+                 # a random model never writes the tags: the tests train it all the same
+                 no_signal_steps=0)
     return dataclasses.replace(grpo.Config(), **{**small, **kw})
 
 
@@ -75,13 +83,16 @@ def test_a_training_run_logs_every_step_checkpoints_and_resumes(tiny_model_dir, 
     grpo.main(small_config(tiny_model_dir, out, max_steps=2))
     log = read_log(out)
     assert [r["step"] for r in log] == [0, 1, 2]
-    keys = {"step", "reward_mean", "reward_std", "correct_rate", "format_rate", "completion_len_mean", "truncated_rate",
+    keys = {"step", "reward_mean", "reward_std", "correct_rate", "format_rate",
+            "completion_len_mean", "truncated_rate",
             "clip_frac", "loss", "step_s", "tokens_per_s", "eval_accuracy", "eval_format_rate"}
     assert keys <= set(log[1]) and keys <= set(log[2])
     assert "eval_accuracy" in log[0] and "eval_majority_rate" in log[0]
     assert (out / "samples.jsonl").stat().st_size > 0 and (out / "curves.png").exists()
-    resolved = flags.parse_config(grpo.Config, ["--config", str(out / "config.toml")], program="grpo")
-    assert resolved == small_config(tiny_model_dir, out, max_steps=2)  # the run can be repeated from its folder
+    resolved = flags.parse_config(grpo.Config, ["--config", str(out / "config.toml")],
+                                  program="grpo")
+    # the run can be repeated from its folder
+    assert resolved == small_config(tiny_model_dir, out, max_steps=2)
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == 2 and all("lora_" in k for k in ckpt["model"])
     # --resume continues at step 3 with the same weights, log and data position
@@ -90,8 +101,10 @@ def test_a_training_run_logs_every_step_checkpoints_and_resumes(tiny_model_dir, 
     assert torch.load(out / "ckpt.pt", weights_only=False)["data_index"] > ckpt["data_index"]
 
 
-def test_a_model_that_never_writes_the_tags_is_told_to_warm_up_first(tiny_model_dir, tmp_path, capsys):
-    grpo.main(small_config(tiny_model_dir, tmp_path / "run", max_steps=1))  # a random model: no tags, ever
+def test_a_model_that_never_writes_the_tags_is_told_to_warm_up_first(tiny_model_dir, tmp_path,
+                                                                     capsys):
+    # a random model: no tags, ever
+    grpo.main(small_config(tiny_model_dir, tmp_path / "run", max_steps=1))
     out = capsys.readouterr().out
     assert "eval: no answer was well-formed; " + report.NO_FORMAT in out
     assert "step 1: no completion was well-formed; " + report.NO_FORMAT in out
@@ -108,37 +121,49 @@ def test_eval_only_from_a_checkpoint_reports_the_same_accuracy(tiny_model_dir, t
     for k in ("eval_accuracy", "eval_format_rate", "eval_len_mean"):
         assert row[k] == final[k]
     answers = [json.loads(line) for line in open(ev / "samples.jsonl")]
-    assert len(answers) == 4 and {a["split"] for a in answers} == {"eval"}  # every answer, for pairing
+    # every answer, for pairing
+    assert len(answers) == 4 and {a["split"] for a in answers} == {"eval"}
     other = tmp_path / "other"
-    grpo.main(small_config(tiny_model_dir, other, eval_only=True, eval_seed=7, init_from=str(out / "ckpt.pt")))
-    assert {a["question"] for a in map(json.loads, open(other / "samples.jsonl"))} != {a["question"] for a in answers}
+    grpo.main(small_config(tiny_model_dir, other, eval_only=True, eval_seed=7,
+                           init_from=str(out / "ckpt.pt")))
+    other_questions = {a["question"] for a in map(json.loads, open(other / "samples.jsonl"))}
+    assert other_questions != {a["question"] for a in answers}
 
 
 def test_report_pairs_two_eval_only_runs_on_their_questions(tmp_path):
     def eval_dir(name, verdicts):
         (tmp_path / name).mkdir()
-        rows = [{"split": "eval", "question": f"q{i}", "correct": v} for i, v in enumerate(verdicts)]
-        (tmp_path / name / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
+        rows = [{"split": "eval", "question": f"q{i}", "correct": v}
+                for i, v in enumerate(verdicts)]
+        lines = "".join(json.dumps(r) + "\n" for r in reversed(rows))
+        (tmp_path / name / "samples.jsonl").write_text(lines)
         return str(tmp_path / name)
 
     before, after = eval_dir("before", [0, 0, 1, 1, 0]), eval_dir("after", [1, 1, 1, 0, 0])
-    r = subprocess.run([sys.executable, "report.py", before, after], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0 and "5 questions: 0.400 -> 0.600" in r.stdout and "2 right now / 1 wrong now" in r.stdout
-    r = subprocess.run([sys.executable, "report.py", before, eval_dir("fewer", [1, 1])], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "report.py", before, after], cwd=ROOT, capture_output=True,
                        text=True)
+    assert r.returncode == 0
+    assert "5 questions: 0.400 -> 0.600" in r.stdout
+    assert "2 right now / 1 wrong now" in r.stdout
+    r = subprocess.run([sys.executable, "report.py", before, eval_dir("fewer", [1, 1])], cwd=ROOT,
+                       capture_output=True, text=True)
     assert r.returncode == 1 and "asked different questions" in r.stderr
 
 
-def test_eval_samples_log_mean_pass_and_mixed_rate_and_leave_training_untouched(tiny_model_dir, tmp_path):
+def test_eval_samples_log_mean_pass_and_mixed_rate_and_leave_training_untouched(tiny_model_dir,
+                                                                                tmp_path):
     grpo.main(small_config(tiny_model_dir, tmp_path / "plain", max_steps=2))
     grpo.main(small_config(tiny_model_dir, tmp_path / "sampled", max_steps=2, eval_samples=2))
     plain, sampled = read_log(tmp_path / "plain"), read_log(tmp_path / "sampled")
     for row in sampled:
         assert row["eval_samples"] == 2 and 0 <= row["eval_mixed_rate"] <= 1
-        assert 0 <= row["eval_mean_at_k"] <= row["eval_pass_at_k"] <= 1 and row["eval_accuracy_se"] >= 0
-    assert "eval_gain" not in sampled[0] and {"eval_gain", "eval_gain_se", "eval_gain_p"} <= set(sampled[1])
+        assert 0 <= row["eval_mean_at_k"] <= row["eval_pass_at_k"] <= 1
+        assert row["eval_accuracy_se"] >= 0
+    assert "eval_gain" not in sampled[0] and {"eval_gain", "eval_gain_se",
+                                              "eval_gain_p"} <= set(sampled[1])
     timing = {"step_s", "sample_s", "tokens_per_s", "sample_tokens_per_s"}
-    same = lambda row: {k: v for k, v in row.items() if not k.startswith("eval_") and k not in timing}
+    same = lambda row: {k: v for k, v in row.items() if not k.startswith("eval_")
+                        and k not in timing}
     assert [same(r) for r in plain] == [same(r) for r in sampled]  # the eval's own random stream
 
 
@@ -150,7 +175,8 @@ def test_a_second_run_never_overwrites_or_mixes_into_the_first(tiny_model_dir, t
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "holds a run already: --resume continues it, --overwrite starts again" in r.stderr
     assert {f: (out / f).read_bytes() for f in before} == before  # the first run, byte for byte
-    grpo.main(small_config(tiny_model_dir, out, max_steps=2, overwrite=True))  # moved aside, not deleted
+    # moved aside, not deleted
+    grpo.main(small_config(tiny_model_dir, out, max_steps=2, overwrite=True))
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     assert len(aside) == 1 and {f: (aside[0] / f).read_bytes() for f in before} == before
     assert [row["step"] for row in read_log(out)] == [0, 1, 2]  # one run per log
@@ -160,14 +186,15 @@ def test_a_second_warmup_never_overwrites_the_first(tmp_path):
     import sft
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "ckpt.pt").write_bytes(b"a finished warmup")
-    r = subprocess.run([sys.executable, "sft.py", "--out_dir", str(tmp_path / "sft")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run([sys.executable, "sft.py", "--out_dir", str(tmp_path / "sft")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "holds a run already" in r.stderr and "--overwrite" in r.stderr
     assert (tmp_path / "sft" / "ckpt.pt").read_bytes() == b"a finished warmup"
     assert sft.SFTConfig.__dataclass_fields__["overwrite"].default is False
 
 
-def test_init_from_a_checkpoint_of_another_task_says_so_and_goes_on(tiny_model_dir, tmp_path, capsys):
+def test_init_from_a_checkpoint_of_another_task_says_so_and_goes_on(tiny_model_dir, tmp_path,
+                                                                    capsys):
     grpo.main(small_config(tiny_model_dir, tmp_path / "warm", max_steps=1))
     grpo.main(small_config(tiny_model_dir, tmp_path / "rl", task="chain_sum", eval_only=True,
                            init_from=str(tmp_path / "warm" / "ckpt.pt")))
@@ -176,15 +203,16 @@ def test_init_from_a_checkpoint_of_another_task_says_so_and_goes_on(tiny_model_d
     assert note in capsys.readouterr().out and read_log(tmp_path / "rl")
 
 
-def test_a_fresh_model_that_never_writes_the_tags_stops_before_training_and_names_the_warmup(tiny_model_dir,
-                                                                                            tmp_path):
+def test_a_fresh_model_that_never_writes_the_tags_stops_before_training_and_names_the_warmup(
+        tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    r = run_cli("--model", tiny_model_dir, "--out_dir", str(out), "--max_new_tokens", "8", "--eval_size", "4",
-                "--dtype", "float32", "--task", "chain_sum")
+    r = run_cli("--model", tiny_model_dir, "--out_dir", str(out), "--max_new_tokens", "8",
+                "--eval_size", "4", "--dtype", "float32", "--task", "chain_sum")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
-        "error: no greedy answer to held-out questions was well-formed, so every reward would be the same: "
-        "warm up first: python sft.py --task 'chain_sum', then python grpo.py --init_from out-sft/ckpt.pt")
+        "error: no greedy answer to held-out questions was well-formed, so every reward would be "
+        "the same: warm up first: python sft.py --task 'chain_sum', then python grpo.py "
+        "--init_from out-sft/ckpt.pt")
     assert not out.exists()  # 32 greedy answers said it: nothing trained, nothing written
 
 
@@ -198,7 +226,8 @@ def test_steps_with_nothing_to_learn_stop_the_run_with_the_reason():
     assert "no answer was right: the task is too hard" in report.no_signal(rows + [step(3)], 3, "t")
     assert "all right or all wrong" in report.no_signal(rows + [step(3, correct_rate=0.5)], 3, "t")
     assert "python sft.py --task 't'" in report.no_signal(rows + [step(3, format_rate=0.0)], 1, "t")
-    assert report.no_signal(rows + [step(3, zero_adv_rate=0.9)], 3, "t") == ""  # one group differed: signal
+    # one group differed: signal
+    assert report.no_signal(rows + [step(3, zero_adv_rate=0.9)], 3, "t") == ""
     assert report.no_signal(rows + [step(3)], 0, "t") == ""  # 0: never stop
     assert report.no_signal([{"step": 0, "eval_format_rate": 0.0}], 0, "t") == ""
 
@@ -218,7 +247,8 @@ def test_report_to_tensorboard_writes_every_log_row(tiny_model_dir, tmp_path):
 def test_report_to_wandb_logs_offline(tiny_model_dir, tmp_path):
     pytest.importorskip("wandb", reason="an optional tracker: .ci/run installs it")
     out = tmp_path / "run"
-    args = [f"--{k}={v}" for k, v in dataclasses.asdict(small_config(tiny_model_dir, out, max_steps=1)).items()
+    args = [f"--{k}={v}" for k, v in dataclasses.asdict(small_config(tiny_model_dir, out,
+                                                                     max_steps=1)).items()
             if v != getattr(grpo.Config, k, None) and not isinstance(v, bool)]
     r = run_cli(*args, "--report_to", "wandb", timeout=300)
     assert r.returncode == 0, r.stderr
@@ -229,15 +259,19 @@ def test_report_to_wandb_logs_offline(tiny_model_dir, tmp_path):
 def test_report_to_without_its_package_is_one_line(tiny_model_dir, tmp_path, monkeypatch):
     import importlib.util
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(flags.BadInput, match="--report_to wandb needs its package: pip install wandb"):
+    no_wandb = lambda name, *a: None if name == "wandb" else real(name, *a)
+    monkeypatch.setattr(importlib.util, "find_spec", no_wandb)
+    with pytest.raises(flags.BadInput,
+                       match="--report_to wandb needs its package: pip install wandb"):
         grpo.main(small_config(tiny_model_dir, tmp_path / "run", max_steps=1, report_to="wandb"))
     assert not (tmp_path / "run").exists()
 
 
 def test_a_warmup_that_taught_no_tags_stops_after_the_step_0_eval(tiny_model_dir, tmp_path):
-    grpo.main(small_config(tiny_model_dir, tmp_path / "warm", max_steps=1))  # a checkpoint that writes no tags
-    with pytest.raises(flags.BadInput, match="no greedy answer to held-out questions was well-formed"):
-        grpo.main(small_config(tiny_model_dir, tmp_path / "rl", init_from=str(tmp_path / "warm" / "ckpt.pt"),
-                               no_signal_steps=3))
+    # a checkpoint that writes no tags
+    grpo.main(small_config(tiny_model_dir, tmp_path / "warm", max_steps=1))
+    with pytest.raises(flags.BadInput,
+                       match="no greedy answer to held-out questions was well-formed"):
+        grpo.main(small_config(tiny_model_dir, tmp_path / "rl",
+                               init_from=str(tmp_path / "warm" / "ckpt.pt"), no_signal_steps=3))
     assert [row["step"] for row in read_log(tmp_path / "rl")] == [0]  # the step-0 eval is kept

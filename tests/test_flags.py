@@ -1,6 +1,6 @@
-"""Every flag of every program: a bad value is one line on stderr and exit code 2, before anything is written.
-The programs run in-process through flags.run (the code path of `python prog.py`); test_cli runs a few as real
-commands."""
+"""Every flag of every program: a bad value is one line on stderr and exit code 2, before anything
+is written. The programs run in-process through flags.run (the code path of `python prog.py`);
+test_cli runs a few as real commands."""
 import dataclasses
 import os
 import sys
@@ -54,7 +54,8 @@ BAD_GRPO = [
     (["--task", "syllogism:invalid_ratio"], "write key=value"),
     (["--task", "syllogism:no_such_setting=1"], "no_such_setting"),
     (["--task", "aiw:task_type_weights=[1.0,0"], "[1.0,0 is not valid JSON"),
-    (["--task", "aiw:task_type_weights=[1.0,0.5]"], "task 'aiw:task_type_weights=[1.0,0.5]'"),  # 3 are needed
+    # 3 are needed
+    (["--task", "aiw:task_type_weights=[1.0,0.5]"], "task 'aiw:task_type_weights=[1.0,0.5]'"),
     (["--task", "syllogism@x"], "task weight 'x'"),
     (["--task", "missing.jsonl"], "--task missing.jsonl: no such file"),
     (["--eval_task", "sylogism"], "did you mean syllogism"),
@@ -62,7 +63,8 @@ BAD_GRPO = [
     (["--init_from", "nope.pt"], "checkpoint nope.pt does not exist"),
     (["--resume"], "there is no"),
     (["--resume", "--init_from", "x.pt"], "pass one of them"),
-    (["--model", "{tiny}", "--max_new_tokens", "8", "--lora_targets", "nothing"], "--lora_targets nothing: no linear"),
+    (["--model", "{tiny}", "--max_new_tokens", "8", "--lora_targets", "nothing"],
+     "--lora_targets nothing: no linear"),
     (["--model", "{tiny}", "--max_new_tokens", "100000"], "exceeds the model's context"),
     (["--out_dir", "{file}"], "is a file: give a folder"),
 ]
@@ -102,16 +104,18 @@ BAD_BENCH = [
 
 
 def run_bad(program, cls, argv, tmp_path, tiny_model_dir, monkeypatch, capsys) -> str:
-    """Run a program in tmp_path with bad input: exit code 2, one line on stderr, nothing written. Returns it."""
+    """Run a program in tmp_path with bad input: exit code 2, one line on stderr, nothing written.
+    Returns it."""
     junk = tmp_path / "junk.txt"
     junk.write_text("not a folder, not a checkpoint")
     argv = [a.replace("{tiny}", tiny_model_dir).replace("{file}", str(junk)) for a in argv]
-    out = ["--out_dir", str(tmp_path / "out")] if "--out_dir" not in argv and program is not sample.main and \
-        program is not bench.main else []
+    writes = program not in (sample.main, bench.main)
+    out = ["--out_dir", str(tmp_path / "out")] if "--out_dir" not in argv and writes else []
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["prog", *argv, *out])
     with pytest.raises(SystemExit) as e:
-        flags.run(program, cls, "", program={grpo.main: "grpo", sft.main: "sft"}.get(program))  # as __main__ does
+        # as __main__ does
+        flags.run(program, cls, "", program={grpo.main: "grpo", sft.main: "sft"}.get(program))
     err = capsys.readouterr().err
     assert e.value.code == 2, err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
@@ -121,22 +125,27 @@ def run_bad(program, cls, argv, tmp_path, tiny_model_dir, monkeypatch, capsys) -
 
 @pytest.mark.parametrize("argv, message", BAD_GRPO, ids=[" ".join(a) for a, _ in BAD_GRPO])
 def test_grpo_refuses_each_bad_value(argv, message, tmp_path, tiny_model_dir, monkeypatch, capsys):
-    assert message in run_bad(grpo.main, grpo.Config, argv, tmp_path, tiny_model_dir, monkeypatch, capsys)
+    assert message in run_bad(grpo.main, grpo.Config, argv, tmp_path, tiny_model_dir, monkeypatch,
+                              capsys)
 
 
 @pytest.mark.parametrize("argv, message", BAD_SFT, ids=[" ".join(a) for a, _ in BAD_SFT])
 def test_sft_refuses_each_bad_value(argv, message, tmp_path, tiny_model_dir, monkeypatch, capsys):
-    assert message in run_bad(sft.main, sft.SFTConfig, argv, tmp_path, tiny_model_dir, monkeypatch, capsys)
+    assert message in run_bad(sft.main, sft.SFTConfig, argv, tmp_path, tiny_model_dir, monkeypatch,
+                              capsys)
 
 
 @pytest.mark.parametrize("argv, message", BAD_SAMPLE, ids=[" ".join(a) for a, _ in BAD_SAMPLE])
-def test_sample_refuses_each_bad_value(argv, message, tmp_path, tiny_model_dir, monkeypatch, capsys):
-    assert message in run_bad(sample.main, sample.SampleConfig, argv, tmp_path, tiny_model_dir, monkeypatch, capsys)
+def test_sample_refuses_each_bad_value(argv, message, tmp_path, tiny_model_dir, monkeypatch,
+                                       capsys):
+    assert message in run_bad(sample.main, sample.SampleConfig, argv, tmp_path, tiny_model_dir,
+                              monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("argv, message", BAD_BENCH, ids=[" ".join(a) for a, _ in BAD_BENCH])
 def test_bench_refuses_each_bad_value(argv, message, tmp_path, tiny_model_dir, monkeypatch, capsys):
-    assert message in run_bad(bench.main, bench.BenchConfig, argv, tmp_path, tiny_model_dir, monkeypatch, capsys)
+    assert message in run_bad(bench.main, bench.BenchConfig, argv, tmp_path, tiny_model_dir,
+                              monkeypatch, capsys)
 
 
 def test_a_setting_whose_value_is_a_json_list_reaches_reasoning_gym():
@@ -146,7 +155,8 @@ def test_a_setting_whose_value_is_a_json_list_reaches_reasoning_gym():
     assert {e["metadata"]["task_type"] for e in task if T.source(e) == "aiw"} == {"siblings"}
 
 
-# --- recipes: --config FILE -----------------------------------------------------------------------------------
+# --- recipes: --config FILE
+# -----------------------------------------------------------------------------------
 
 BAD_RECIPES = [
     ('lerning_rate = 1e-4', "recipe.toml: lerning_rate is not a flag of grpo.py"),
@@ -156,8 +166,10 @@ BAD_RECIPES = [
     ('[grpo]\nG = 6.0', "recipe.toml: [grpo] G = 6.0: must be int"),
     ('[grpo]\nG = true', "recipe.toml: [grpo] G = true: must be int"),
     ('[grpo]\nG = 1', "recipe.toml: [grpo] --G 1: must be at least 2"),
-    ('[grpo]\nloss_agg = "mean"', "recipe.toml: [grpo] --loss_agg mean: choose seq, token, dr_grpo"),
-    ('[grpo]\nlearning_rate = nan', "recipe.toml: [grpo] --learning_rate nan: must be a finite number"),
+    ('[grpo]\nloss_agg = "mean"',
+     "recipe.toml: [grpo] --loss_agg mean: choose seq, token, dr_grpo"),
+    ('[grpo]\nlearning_rate = nan',
+     "recipe.toml: [grpo] --learning_rate nan: must be a finite number"),
     ('[grpo]\ntask = ["syllogism"]', "must be str"),
     ('[rl]\nG = 6', "recipe.toml: unknown section [rl]"),
     ('[grpo\nG = 6', "--config {recipe}: not valid TOML"),
@@ -167,46 +179,58 @@ BAD_RECIPES = [
 
 
 @pytest.mark.parametrize("text, message", BAD_RECIPES, ids=[str(t) for t, _ in BAD_RECIPES])
-def test_a_bad_recipe_is_one_line_naming_the_file_and_key(text, message, tmp_path_factory, tmp_path, tiny_model_dir,
-                                                          monkeypatch, capsys):
+def test_a_bad_recipe_is_one_line_naming_the_file_and_key(text, message, tmp_path_factory, tmp_path,
+                                                          tiny_model_dir, monkeypatch, capsys):
     recipe = tmp_path_factory.mktemp("recipes") / "recipe.toml"
     if text is not None:
         recipe.write_text(text + "\n")
-    err = run_bad(grpo.main, grpo.Config, ["--config", str(recipe)], tmp_path, tiny_model_dir, monkeypatch, capsys)
+    err = run_bad(grpo.main, grpo.Config, ["--config", str(recipe)], tmp_path, tiny_model_dir,
+                  monkeypatch, capsys)
     assert message.replace("{recipe}", str(recipe)) in err
 
 
 def test_a_recipe_sets_flags_and_the_command_line_overrides_it(tmp_path):
     recipe = tmp_path / "r.toml"
-    recipe.write_text('task = "chain_sum"\nseed = 3\n[sft]\nepochs = 1\n[grpo]\nlearning_rate = 1\nG = 4\n')
+    recipe.write_text('task = "chain_sum"\nseed = 3\n[sft]\nepochs = 1\n[grpo]\nlearning_rate = '
+                      '1\nG = 4\n')
     cfg = flags.parse_config(grpo.Config, ["--config", str(recipe), "--G", "8"], program="grpo")
-    assert (cfg.task, cfg.seed, cfg.learning_rate, cfg.G) == ("chain_sum", 3, 1.0, 8)  # an int where a float goes
+    # an int where a float goes
+    assert (cfg.task, cfg.seed, cfg.learning_rate, cfg.G) == ("chain_sum", 3, 1.0, 8)
     assert cfg.max_steps == grpo.Config().max_steps  # what the recipe leaves out keeps its default
     warm = flags.parse_config(sft.SFTConfig, ["--config", str(recipe)], program="sft")
-    assert (warm.task, warm.seed, warm.epochs) == ("chain_sum", 3, 1)  # the shared keys, written once
+    # the shared keys, written once
+    assert (warm.task, warm.seed, warm.epochs) == ("chain_sum", 3, 1)
 
 
 def test_the_resolved_configuration_reads_back_as_the_same_run(tmp_path):
-    cfg = dataclasses.replace(grpo.Config(), task='aiw:task_type_weights=[1.0,0,0]', learning_rate=3e-5,
-                              dynamic_sampling=True, out_dir='runs/"quoted"')
+    cfg = dataclasses.replace(grpo.Config(), task='aiw:task_type_weights=[1.0,0,0]',
+                              learning_rate=3e-5, dynamic_sampling=True, out_dir='runs/"quoted"')
     (tmp_path / "config.toml").write_text(flags.to_toml(cfg, "grpo"))
-    assert flags.parse_config(grpo.Config, ["--config", str(tmp_path / "config.toml")], program="grpo") == cfg
+    assert flags.parse_config(grpo.Config, ["--config", str(tmp_path / "config.toml")],
+                              program="grpo") == cfg
 
 
 @pytest.mark.parametrize("recipe", sorted(os.listdir(os.path.join(ROOT, "recipes"))))
 def test_every_recipe_parses_for_both_programs_and_says_what_it_is(recipe):
     path = os.path.join(ROOT, "recipes", recipe)
-    assert recipe.endswith(".toml") and open(path).read().startswith("# ")  # opens with what it is for
+    # opens with what it is for
+    assert recipe.endswith(".toml") and open(path).read().startswith("# ")
     for cls, program in ((grpo.Config, "grpo"), (sft.SFTConfig, "sft")):
-        flags.parse_config(cls, ["--config", path], program=program)  # every key a flag of its program
+        # every key a flag of its program
+        flags.parse_config(cls, ["--config", path], program=program)
 
 
 def test_the_quick_start_recipe_is_the_command_its_results_came_from():
     path = os.path.join(ROOT, "recipes", "quickstart.toml")
-    task = "simple_equations:min_terms=2:max_terms=2:min_value=1:max_value=10:operators_weights=[0.5,0.5,0]"
-    assert flags.parse_config(grpo.Config, ["--config", path], program="grpo") == flags.parse_config(grpo.Config, [
-        "--init_from", "out-sft/ckpt.pt", "--task", task, "--max_steps", "20", "--eval_interval", "10",
-        "--buffer_size", "96", "--exploration_batchsize", "16", "--gradient_accumulation_steps", "3",
-        "--max_new_tokens", "96", "--temperature", "1.0", "--learning_rate", "1e-4"])
-    assert flags.parse_config(sft.SFTConfig, ["--config", path], program="sft") == flags.parse_config(
-        sft.SFTConfig, ["--task", task, "--n_examples", "128", "--epochs", "1", "--no-eval_before", "--no-eval_after"])
+    task = ("simple_equations:min_terms=2:max_terms=2:min_value=1:max_value=10:"
+            "operators_weights=[0.5,0.5,0]")
+    grpo_flags = ["--init_from", "out-sft/ckpt.pt", "--task", task, "--max_steps", "20",
+                  "--eval_interval", "10", "--buffer_size", "96", "--exploration_batchsize", "16",
+                  "--gradient_accumulation_steps", "3", "--max_new_tokens", "96",
+                  "--temperature", "1.0", "--learning_rate", "1e-4"]
+    assert (flags.parse_config(grpo.Config, ["--config", path], program="grpo")
+            == flags.parse_config(grpo.Config, grpo_flags, program="grpo"))
+    sft_flags = ["--task", task, "--n_examples", "128", "--epochs", "1", "--no-eval_before",
+                 "--no-eval_after"]
+    assert (flags.parse_config(sft.SFTConfig, ["--config", path], program="sft")
+            == flags.parse_config(sft.SFTConfig, sft_flags, program="sft"))

@@ -1,4 +1,5 @@
-"""Specification of grpo.py on tiny random models: sampler, log-probs, buffer, advantages, loss, LoRA."""
+"""Specification of grpo.py on tiny random models: sampler, log-probs, buffer, advantages, loss,
+LoRA."""
 import contextlib
 import dataclasses
 import math
@@ -17,11 +18,13 @@ import rundir
 from conftest import EOS, hf_twin, logits, on_policy, padded_sequences, tiny_model
 from flags import BadInput
 
-PROMPTS = [[1, 5, 9, 17, 33], [1, 44], [1, 7, 7, 90, 12, 3, 60, 61]]  # different lengths: left padding matters
+# different lengths: left padding matters
+PROMPTS = [[1, 5, 9, 17, 33], [1, 44], [1, 7, 7, 90, 12, 3, 60, 61]]
 
 
 def greedy_full_recompute(model, prompt, max_new_tokens):
-    """The simplest possible decoder: one prompt, no padding, no cache, the whole sequence re-run each token."""
+    """The simplest possible decoder: one prompt, no padding, no cache, the whole sequence re-run
+    each token."""
     seq = list(prompt)
     for _ in range(max_new_tokens):
         seq.append(int(logits(model, torch.tensor([seq]))[0, -1].argmax()))
@@ -32,7 +35,8 @@ def greedy_full_recompute(model, prompt, max_new_tokens):
 
 def hf_generate_greedy(model, prompts, max_new_tokens):
     ids, mask = grpo.left_pad(prompts, EOS, "cpu")
-    out = hf_twin(model).generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+    out = hf_twin(model).generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                  do_sample=False,
                          eos_token_id=EOS, pad_token_id=EOS)[:, ids.shape[1]:]
     completions = []
     for row in out.tolist():  # HF pads finished rows with EOS: cut after the first one
@@ -58,15 +62,19 @@ def test_sampling_with_an_adapter_merges_it_and_matches_the_unmerged_model(tiny)
     q_proj, lm_head = tiny.model.layers[0].self_attn.q_proj, tiny.lm_head
     seen = []  # the linear layers that run while sampling: FrozenLinear copies only
     handle = torch.nn.modules.module.register_module_forward_pre_hook(
-        lambda m, a: seen.append(m) if isinstance(m, (torch.nn.Linear, grpo.LoRALinear, packed.FrozenLinear)) else None)
+        lambda m, a: seen.append(m) if isinstance(m, (torch.nn.Linear, grpo.LoRALinear,
+                                                      packed.FrozenLinear)) else None)
     ours, _ = grpo.generate(tiny, PROMPTS, 1, 24, 0.0, 1.0, EOS)
     handle.remove()
     assert seen and {type(m).__name__ for m in seen} == {"FrozenLinear"}
-    # per block: q, k and v as one product, o, gate and up as one, down; and the vocabulary projection
+    # per block: q, k and v as one product, o, gate and up as one, down; and the vocabulary
+    # projection
     assert len({id(m) for m in seen}) == 2 * 4 + 1
-    assert {tuple(m.weight.shape) for m in seen} == {(128, 64), (64, 64), (256, 64), (64, 128), (128, 64)}
+    assert {tuple(m.weight.shape) for m in seen} == {(128, 64), (64, 64), (256, 64), (64, 128),
+                                                     (128, 64)}
     assert tiny.model.layers[0].self_attn.q_proj is q_proj and tiny.lm_head is lm_head  # put back
-    assert ours == [greedy_full_recompute(tiny, p, 24) for p in PROMPTS]  # the unmerged adapter, token for token
+    # the unmerged adapter, token for token
+    assert ours == [greedy_full_recompute(tiny, p, 24) for p in PROMPTS]
 
 
 def test_packed_weights_are_used_on_x86_64():
@@ -77,7 +85,8 @@ def test_packed_weights_are_used_on_x86_64():
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_packed_fp32_sampling_matches_the_unpacked_model(kind):
-    """In fp32 on CPU, FrozenLinear multiplies by oneDNN-packed weights: same greedy tokens as the plain model."""
+    """In fp32 on CPU, FrozenLinear multiplies by oneDNN-packed weights: same greedy tokens as the
+    plain model."""
     model = tiny_model(kind).float()
     grpo.apply_lora(model, 4, 8.0, "q_proj,v_proj,down_proj")
     for p in model.parameters():
@@ -87,25 +96,30 @@ def test_packed_fp32_sampling_matches_the_unpacked_model(kind):
     x = torch.randn(3, 5, model.config.hidden_size)
     with torch.no_grad():
         # q, v and down with LoRA, k, gate and up plain, the vocabulary projection
-        expected = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj(
-            torch.randn(3, 5, model.config.intermediate_size, generator=torch.Generator().manual_seed(0))),
+        expected = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), mlp.gate_proj(x),
+                    mlp.up_proj(x), mlp.down_proj(
+            torch.randn(3, 5, model.config.intermediate_size,
+                        generator=torch.Generator().manual_seed(0))),
             model.lm_head(x)]
         with packed.frozen_linears(model, 3):
             frozen = [m for m in model.modules() if isinstance(m, packed.FrozenLinear)]
             assert frozen and all(m.packed is not None for m in frozen) == packed.packing_works()
             got = [*attn.qkv(x).split(attn.sizes, -1), *mlp.gate_up(x).chunk(2, -1), mlp.down_proj(
-                torch.randn(3, 5, model.config.intermediate_size, generator=torch.Generator().manual_seed(0))),
+                torch.randn(3, 5, model.config.intermediate_size,
+                            generator=torch.Generator().manual_seed(0))),
                 model.lm_head(x)]
             for want, g in zip(expected, got):
                 assert torch.allclose(g, want, rtol=1e-5, atol=1e-5)
-        assert attn.qkv is None and mlp.gate_up is None  # one product each while sampling, and only then
+        # one product each while sampling, and only then
+        assert attn.qkv is None and mlp.gate_up is None
     ours, _ = grpo.generate(model, PROMPTS, 1, 24, 0.0, 1.0, EOS)
     assert ours == [greedy_full_recompute(model, p, 24) for p in PROMPTS]
 
 
 def test_each_row_stops_at_eos_and_truncation_is_marked():
     model = tiny_model("llama")
-    completions, truncated = grpo.generate(model, PROMPTS, 4, 12, 1.0, 1.0, EOS, torch.Generator().manual_seed(0))
+    completions, truncated = grpo.generate(model, PROMPTS, 4, 12, 1.0, 1.0, EOS,
+                                           torch.Generator().manual_seed(0))
     assert len(completions) == 12
     assert any(truncated) and not all(truncated)
     for c, t in zip(completions, truncated):
@@ -118,26 +132,33 @@ def test_g_samples_share_the_prompt_cache_and_greedy_copies_agree(tiny):
     assert completions == [c for c in singles for _ in range(3)]
 
 
-SHARED_PREFIX = [[1, 5, 9, 17, 33, 4], [1, 5, 9, 17, 44], [1, 5, 9, 17, 33, 4, 8, 90]]  # prefilled once: 4 tokens
+# prefilled once: 4 tokens
+SHARED_PREFIX = [[1, 5, 9, 17, 33, 4], [1, 5, 9, 17, 44], [1, 5, 9, 17, 33, 4, 8, 90]]
 
 
 @pytest.mark.parametrize("prompts", [PROMPTS, SHARED_PREFIX], ids=["prompts", "shared_prefix"])
-def test_every_row_samples_from_the_full_model_s_logits_while_rows_leave_the_batch(any_tiny_model, prompts,
+def test_every_row_samples_from_the_full_model_s_logits_while_rows_leave_the_batch(any_tiny_model,
+                                                                                   prompts,
                                                                                     monkeypatch):
-    """Sampled rows stop at different times, also within one prompt's G samples, and leave the batch; at every
-    step, each row still running draws from the logits of a full forward pass over its prompt and tokens so far."""
+    """Sampled rows stop at different times, also within one prompt's G samples, and leave the
+    batch; at every step, each row still running draws from the logits of a full forward pass over
+    its prompt and tokens so far."""
     assert grpo.common_prefix(prompts) == (1 if prompts is PROMPTS else 4)
     model, G, seen = any_tiny_model, 4, []
     sample_next = grpo.sample_next
-    record = lambda logits, *args: seen.append(logits.clone()) or sample_next(logits, *args)  # sampling overwrites
+    # sampling overwrites
+    record = lambda logits, *args: seen.append(logits.clone()) or sample_next(logits, *args)
     monkeypatch.setattr(grpo, "sample_next", record)
-    completions, _ = grpo.generate(model, prompts, G, 16, 1.0, 1.0, EOS, torch.Generator().manual_seed(0))
+    completions, _ = grpo.generate(model, prompts, G, 16, 1.0, 1.0, EOS,
+                                   torch.Generator().manual_seed(0))
     assert len(seen[-1]) < len(seen[0])  # rows left the batch
-    assert any(len({len(c) for c in completions[i:i + G]}) > 1 for i in range(0, len(completions), G))
+    assert any(len({len(c) for c in completions[i:i + G]}) > 1 for i in range(0, len(completions),
+                                                                              G))
     for i, c in enumerate(completions):
         for t in range(len(c)):
             want = logits(model, torch.tensor([prompts[i // G] + c[:t]]))[0, -1]
-            assert (seen[t] - want).abs().max(-1).values.min() < 1e-10  # one of step t's rows is row i
+            # one of step t's rows is row i
+            assert (seen[t] - want).abs().max(-1).values.min() < 1e-10
 
 
 def test_a_sliding_window_shorter_than_the_context_is_refused_not_ignored():
@@ -153,12 +174,14 @@ def test_attention_kernel_and_plain_computation_agree():
     o1, lse1 = M.attend(q, k, v, 0.3, bias, fused=True)
     o2, lse2 = M.attend(q, k, v, 0.3, bias, fused=False)
     assert torch.allclose(o1, o2, atol=1e-5) and torch.allclose(lse1, lse2, atol=1e-5)
-    assert torch.allclose(o1, F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3), atol=1e-5)
+    assert torch.allclose(o1, F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3),
+                          atol=1e-5)
     assert torch.allclose(lse1, ((q @ k.transpose(-1, -2)) * 0.3 + bias).logsumexp(-1), atol=1e-5)
 
 
 def test_sampling_is_reproducible_with_a_fixed_seed(tiny):
-    run = lambda seed: grpo.generate(tiny, PROMPTS, 4, 16, 1.0, 0.9, EOS, torch.Generator().manual_seed(seed))[0]
+    run = lambda seed: grpo.generate(tiny, PROMPTS, 4, 16, 1.0, 0.9, EOS,
+                                     torch.Generator().manual_seed(seed))[0]
     assert run(123) == run(123)
     assert run(123) != run(124)
 
@@ -179,7 +202,8 @@ def test_top_p_widens_past_64_candidates_when_the_nucleus_is_wide():
     allowed = set(logits.argsort(descending=True)[:nucleus_size].tolist())
     peaked = torch.full((1000,), -30.0)
     peaked[[7, 3, 5]] = torch.tensor([0.4, 0.35, 0.25]).log()  # a nucleus of 2 tokens: 7 and 3
-    rows = torch.stack([logits, peaked]).repeat(3000, 1)  # wide and narrow rows mixed: only the wide ones widen
+    # wide and narrow rows mixed: only the wide ones widen
+    rows = torch.stack([logits, peaked]).repeat(3000, 1)
     tokens = grpo.sample_next(rows, 1.0, 0.5, torch.Generator().manual_seed(0))
     wide, narrow = tokens[0::2].tolist(), tokens[1::2]
     assert set(wide) <= allowed
@@ -189,7 +213,8 @@ def test_top_p_widens_past_64_candidates_when_the_nucleus_is_wide():
 
 def make_buffer(model, G=4, max_new_tokens=12, seed=0):
     """Sampled completions of the tiny model with fake advantages, as rollout() would store them."""
-    completions, _ = grpo.generate(model, PROMPTS, G, max_new_tokens, 1.0, 1.0, EOS, torch.Generator().manual_seed(seed))
+    completions, _ = grpo.generate(model, PROMPTS, G, max_new_tokens, 1.0, 1.0, EOS,
+                                   torch.Generator().manual_seed(seed))
     g = torch.Generator().manual_seed(seed)
     return [grpo.Sample(PROMPTS[i // G], c, advantage=float(torch.randn(1, generator=g)))
             for i, c in enumerate(completions)]
@@ -199,7 +224,8 @@ def test_collate_runs_each_prompt_once_and_masks_exactly_the_completion():
     samples = [grpo.Sample([1, 5, 9], [7, EOS]), grpo.Sample([1], [4, 4, 4, 4, EOS]),
                grpo.Sample([1, 5, 9], [EOS])]
     prompt_ids, prompt_mask, which, ids, mask, targets = grpo.collate(samples, EOS, "cpu")
-    assert prompt_ids.tolist() == [[1, 5, 9], [1, EOS, EOS]] and prompt_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert prompt_ids.tolist() == [[1, 5, 9], [1, EOS, EOS]]
+    assert prompt_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     assert which.tolist() == [0, 1, 0]
     assert ids.tolist() == [[7, EOS, EOS, EOS, EOS], [4, 4, 4, 4, EOS], [EOS, EOS, EOS, EOS, EOS]]
     # the mask comes from lengths: EOS is trained on though EOS == pad
@@ -209,22 +235,26 @@ def test_collate_runs_each_prompt_once_and_masks_exactly_the_completion():
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_completion_logprobs_equal_log_softmax_of_full_logits(kind):
-    """Shared prompts, a prompt cache read by the completions, positions continued after each prompt: the same
-    numbers as running each padded prompt + completion whole through the transformers twin."""
+    """Shared prompts, a prompt cache read by the completions, positions continued after each
+    prompt: the same numbers as running each padded prompt + completion whole through the
+    transformers twin."""
     model = tiny_model(kind)
     buffer = make_buffer(model)
     batch = grpo.collate(buffer, EOS, "cpu")
     assert len(batch[0]) == len(PROMPTS) < len(buffer)  # each prompt runs once
-    ours, entropy = grpo.completion_logprobs(model, batch, temperature=0.7, chunk=5)  # several small chunks
+    # several small chunks
+    ours, entropy = grpo.completion_logprobs(model, batch, temperature=0.7, chunk=5)
     ids, mask, predicts, targets = padded_sequences(buffer)
-    full = (hf_twin(model)(input_ids=ids, attention_mask=mask).logits / 0.7).log_softmax(-1)[predicts]
+    full = (hf_twin(model)(input_ids=ids,
+                           attention_mask=mask).logits / 0.7).log_softmax(-1)[predicts]
     assert torch.allclose(ours, full.gather(-1, targets[:, None]).squeeze(-1), atol=1e-10)
-    assert torch.allclose(entropy, -(full.exp() * full).sum(-1), atol=1e-10)  # the sampling distribution's
+    # the sampling distribution's
+    assert torch.allclose(entropy, -(full.exp() * full).sum(-1), atol=1e-10)
 
 
 def test_token_logprobs_gradient_equals_autograd_of_log_softmax():
-    """The hand-written backward of the vocabulary projection, for the hidden states and (full fine-tuning)
-    the weight, against autograd through log_softmax."""
+    """The hand-written backward of the vocabulary projection, for the hidden states and (full
+    fine-tuning) the weight, against autograd through log_softmax."""
     g = torch.Generator().manual_seed(0)
     h = torch.randn(7, 16, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
@@ -238,7 +268,8 @@ def test_token_logprobs_gradient_equals_autograd_of_log_softmax():
     expected = (F.linear(h, w) / 0.7).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
     (expected * upstream).sum().backward()
     assert torch.allclose(ours, expected, atol=1e-12)
-    assert torch.allclose(ours_grads[0], h.grad, atol=1e-12) and torch.allclose(ours_grads[1], w.grad, atol=1e-12)
+    assert torch.allclose(ours_grads[0], h.grad, atol=1e-12) and torch.allclose(ours_grads[1],
+                                                                                w.grad, atol=1e-12)
 
 
 def cfg_for(**kw):
@@ -247,20 +278,23 @@ def cfg_for(**kw):
 
 def record_ppo_loss(monkeypatch) -> list:
     calls, ppo_loss = [], grpo.ppo_loss
-    monkeypatch.setattr(grpo, "ppo_loss", lambda logp, old, *a: calls.append((logp.detach(), old)) or ppo_loss(logp, old, *a))
+    spy = lambda logp, old, *a: calls.append((logp.detach(), old)) or ppo_loss(logp, old, *a)
+    monkeypatch.setattr(grpo, "ppo_loss", spy)
     return calls
 
 
 @pytest.mark.parametrize("learning_rate", [0.0, 1e-2])
 def test_the_ratio_is_exactly_one_until_the_policy_moves(learning_rate, monkeypatch):
-    """Old log-probs come from the very code and minibatches that training runs: the first optimizer step's from its
-    own forward pass, the later steps' from a pass made before any update. With learning rate 0 every ratio is
-    exactly 1; otherwise only the first step's."""
+    """Old log-probs come from the very code and minibatches that training runs: the first optimizer
+    step's from its own forward pass, the later steps' from a pass made before any update. With
+    learning rate 0 every ratio is exactly 1; otherwise only the first step's."""
     model = tiny_model("llama", dtype=torch.float32)
     grpo.apply_lora(model, 4, 8.0, "q_proj,v_proj")
-    cfg = cfg_for(batch_size=4, gradient_accumulation_steps=1, learning_rate=learning_rate, warmup_steps=0)
+    cfg = cfg_for(batch_size=4, gradient_accumulation_steps=1, learning_rate=learning_rate,
+                  warmup_steps=0)
     calls = record_ppo_loss(monkeypatch)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                            lr=cfg.learning_rate)
     grpo.update(model, opt, make_buffer(model), cfg, EOS, torch.Generator().manual_seed(0), "cpu")
     assert len(calls) == 3  # 12 samples: three minibatches, three optimizer steps
     assert torch.equal(calls[0][0], calls[0][1])
@@ -272,9 +306,11 @@ def test_the_first_step_keeps_its_own_log_probs_as_the_old_ones_for_later_epochs
     model = tiny_model("llama", dtype=torch.float32)
     grpo.apply_lora(model, 4, 8.0, "q_proj,v_proj")
     cfg = cfg_for(batch_size=4, gradient_accumulation_steps=1)
-    minibatches = grpo.shuffled_minibatches(make_buffer(model), cfg.batch_size, torch.Generator().manual_seed(0))
+    minibatches = grpo.shuffled_minibatches(make_buffer(model), cfg.batch_size,
+                                            torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected, _ = grpo.completion_logprobs(model, grpo.collate(minibatches[0], EOS, "cpu"), cfg.temperature)
+        expected, _ = grpo.completion_logprobs(model, grpo.collate(minibatches[0], EOS, "cpu"),
+                                               cfg.temperature)
     grpo.accumulate_gradients(model, minibatches[:1], cfg, EOS, "cpu")
     assert all(s.old_logp is not None for s in minibatches[0])
     assert all(s.old_logp is None for mb in minibatches[1:] for s in mb)
@@ -282,8 +318,9 @@ def test_the_first_step_keeps_its_own_log_probs_as_the_old_ones_for_later_epochs
 
 
 def test_training_through_packed_base_weights_gives_the_same_loss_and_gradient():
-    """fp32 on CPU: under frozen_linears(training=True) each LoRA layer's base multiplies by oneDNN-packed W
-    (and W^T in backward); the adapter's gradient matches plain F.linear to fp32 rounding."""
+    """fp32 on CPU: under frozen_linears(training=True) each LoRA layer's base multiplies by
+    oneDNN-packed W (and W^T in backward); the adapter's gradient matches plain F.linear to fp32
+    rounding."""
     model = tiny_model("llama", dtype=torch.float32)
     grpo.apply_lora(model, 4, 8.0, "q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj")
     for p in model.parameters():
@@ -296,7 +333,8 @@ def test_training_through_packed_base_weights_gives_the_same_loss_and_gradient()
 
     def grads(use_packed):
         model.zero_grad()
-        with packed.frozen_linears(model, 16, training=True) if use_packed else contextlib.nullcontext():
+        with packed.frozen_linears(model, 16,
+                                   training=True) if use_packed else contextlib.nullcontext():
             if use_packed:
                 frozen = [m.base for m in model.modules() if isinstance(m, grpo.LoRALinear)]
                 assert all(isinstance(f, packed.FrozenLinear) for f in frozen)
@@ -313,12 +351,13 @@ def test_training_through_packed_base_weights_gives_the_same_loss_and_gradient()
 
 
 def naive_loss(model, samples, cfg):
-    """The unoptimized reference: each prompt + completion run whole through the model on its own (no cache, no
-    padding), full log-softmax, plain averages."""
+    """The unoptimized reference: each prompt + completion run whole through the model on its own
+    (no cache, no padding), full log-softmax, plain averages."""
     per_seq = []
     for s in samples:
         p = len(s.prompt)
-        logp_all = (logits(model, torch.tensor([s.prompt + s.completion]))[0] / cfg.temperature).log_softmax(-1)
+        scaled = logits(model, torch.tensor([s.prompt + s.completion]))[0] / cfg.temperature
+        logp_all = scaled.log_softmax(-1)
         logp = logp_all[p - 1:-1].gather(-1, torch.tensor(s.completion)[:, None])[:, 0]
         ratio = torch.exp(logp - s.old_logp)
         A = s.advantage
@@ -335,11 +374,13 @@ def test_grad_accumulation_matches_big_batch_and_the_naive_loss(loss_agg):
     """Also with a zero-advantage group, which accumulate_gradients never runs through the model."""
     model = tiny_model("llama")
     grpo.apply_lora(model, 4, 8.0, "q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj")
-    for p in model.parameters():  # a non-zero adapter so that the gradient reaches every LoRA matrix
+    # a non-zero adapter so that the gradient reaches every LoRA matrix
+    for p in model.parameters():
         if p.requires_grad:
             p.data.normal_(0, 0.05)
     buffer = make_buffer(model)
-    for s in buffer[4:8]:  # one question whose rewards were all equal: skipped, yet counted in the divisor
+    # one question whose rewards were all equal: skipped, yet counted in the divisor
+    for s in buffer[4:8]:
         s.advantage = 0.0
     cfg = cfg_for(loss_agg=loss_agg)
     with torch.no_grad():  # the old policy
@@ -361,8 +402,10 @@ def test_grad_accumulation_matches_big_batch_and_the_naive_loss(loss_agg):
     hook = model.register_forward_pre_hook(lambda m, args: rows.append(len(args[0])))
     big = grads([buffer])
     hook.remove()
-    assert rows == [len(PROMPTS) - 1, len(buffer) - 4]  # the two other prompts once each, then their 8 completions
-    micro = grads([buffer[i:i + 3] for i in range(0, len(buffer), 3)])  # 4 micro-batches, the last one shorter
+    # the two other prompts once each, then their 8 completions
+    assert rows == [len(PROMPTS) - 1, len(buffer) - 4]
+    # 4 micro-batches, the last one shorter
+    micro = grads([buffer[i:i + 3] for i in range(0, len(buffer), 3)])
     for a, b in zip(big, micro):
         assert torch.allclose(a, b, atol=1e-12), (a - b).abs().max()
     model.zero_grad()
@@ -373,7 +416,8 @@ def test_grad_accumulation_matches_big_batch_and_the_naive_loss(loss_agg):
 
 
 def test_identical_rewards_give_zero_advantage():
-    # six wrong but well-formed answers (0.15 each): their float mean is off by one ulp, yet A must be exactly 0
+    # six wrong but well-formed answers (0.15 each): their float mean is off by one ulp, yet A must
+    # be exactly 0
     rewards = torch.tensor([[0.15] * 6, [1.0, 0.0, 1.0, 0.0, 1.0, 0.0], [0.0] * 6, [0.85] * 6])
     for scale in (True, False):
         adv = grpo.group_advantages(rewards, scale)
@@ -386,7 +430,8 @@ def test_identical_rewards_give_zero_advantage():
 
 
 def test_ppo_loss_clips_only_in_the_direction_of_the_advantage():
-    logp = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5]))  # ratios 1.5, 1.5, 0.5, 0.5 against old_logp = 0
+    # ratios 1.5, 1.5, 0.5, 0.5 against old_logp = 0
+    logp = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5]))
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
     loss, clipped = grpo.ppo_loss(logp, torch.zeros(4), None, adv, torch.ones(4), 0.2, 0.2, 0.0)
     # -min(r A, clip(r) A): 1.5 with A>0 is capped at 1.2; 0.5 with A<0 is capped at 0.8
@@ -403,13 +448,16 @@ def test_warmup_raises_the_learning_rate_linearly_and_resume_continues_the_ramp(
     for k in range(5):
         lrs.append(grpo.warmup_lr(opt, [w], 1e-2, 4))
         before = w.detach().clone()
-        w.grad = torch.randn(1000, dtype=torch.float64) * 10.0 ** -k  # any size: AdamW's first step is ~lr
+        # any size: AdamW's first step is ~lr
+        w.grad = torch.randn(1000, dtype=torch.float64) * 10.0 ** -k
         grpo.optimizer_step(opt, [w], 0.0)
         moves.append((w.detach() - before).abs().max().item())
     assert lrs == [2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2]
-    assert abs(moves[0] - 2.5e-3) < 1e-6  # without warmup the first step would move every weight by 1e-2
+    # without warmup the first step would move every weight by 1e-2
+    assert abs(moves[0] - 2.5e-3) < 1e-6
     resumed = adam(w)
-    resumed.load_state_dict(opt.state_dict())  # --resume restores the optimizer, and with it the count
+    # --resume restores the optimizer, and with it the count
+    resumed.load_state_dict(opt.state_dict())
     assert grpo.warmup_lr(resumed, [w], 1e-2, 10) == 6e-3  # the 6th of 10
     assert grpo.warmup_lr(adam(w), [w], 1e-2, 0) == 1e-2
 
@@ -459,7 +507,8 @@ def test_token_weights_sum_to_the_aggregate_divisor():
     seq = grpo.token_weights(samples, "seq", 10)
     assert [w.sum().item() for w in seq] == pytest.approx([0.5, 0.5])
     token = grpo.token_weights(samples, "token", 10)
-    assert torch.cat(token).sum().item() == pytest.approx(1.0) and token[0][0].item() == pytest.approx(1 / 8)
+    assert torch.cat(token).sum().item() == pytest.approx(1.0)
+    assert token[0][0].item() == pytest.approx(1 / 8)
     dr = grpo.token_weights(samples, "dr_grpo", 10)
     assert dr[0][0].item() == pytest.approx(1 / 20)
 
@@ -470,14 +519,18 @@ def test_update_changes_only_lora_weights_and_reports_stats():
     grpo.apply_lora(model, 4, 8.0, "q_proj,v_proj")
     buffer = make_buffer(model)
     cfg = cfg_for(batch_size=4, gradient_accumulation_steps=2, ppo_epochs=2, learning_rate=1e-2)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                            lr=cfg.learning_rate)
     stats = grpo.update(model, opt, buffer, cfg, EOS, torch.Generator().manual_seed(0), "cpu")
-    assert stats["optimizer_steps"] == 2 * 2  # 12 samples = 3 minibatches -> steps of 2 + 1, two epochs
+    # 12 samples = 3 minibatches -> steps of 2 + 1, two epochs
+    assert stats["optimizer_steps"] == 2 * 2
     assert 0 <= stats["clip_frac"] <= 1 and stats["grad_norm"] > 0
-    assert 0 < stats["entropy"] < math.log(model.config.vocab_size)  # nats; a uniform policy would reach the bound
+    # nats; a uniform policy would reach the bound
+    assert 0 < stats["entropy"] < math.log(model.config.vocab_size)
     state = dict(model.named_parameters())
     for n, p in base.items():  # frozen weights untouched (names now sit under .base)
-        moved = n.replace("q_proj.weight", "q_proj.base.weight").replace("v_proj.weight", "v_proj.base.weight")
+        moved = n.replace("q_proj.weight", "q_proj.base.weight").replace("v_proj.weight",
+                                                                         "v_proj.base.weight")
         assert torch.equal(state[moved], p)
     assert any(state[n].abs().sum() > 0 for n in state if n.endswith("lora_B"))
 
@@ -490,7 +543,8 @@ def test_checkpoint_round_trip(tmp_path, tiny):
     cfg = dataclasses.replace(grpo.Config(), lora_r=4, lora_alpha=8.0, lora_targets="q_proj")
     opt = torch.optim.AdamW([p for p in tiny.parameters() if p.requires_grad])
     path = str(tmp_path / "ckpt.pt")
-    rundir.save_checkpoint(path, grpo.trainable_state_dict(tiny), opt, cfg, 7, 123, torch.Generator())
+    rundir.save_checkpoint(path, grpo.trainable_state_dict(tiny), opt, cfg, 7, 123,
+                           torch.Generator())
     other = tiny_model("llama")
     grpo.apply_lora(other, 4, 8.0, "q_proj")
     ckpt = rundir.read_checkpoint(path, cfg)
@@ -505,8 +559,8 @@ def test_checkpoint_from_another_model_is_a_clear_error(tmp_path, tiny):
     cfg = dataclasses.replace(grpo.Config(), lora_r=4)
     path = str(tmp_path / "ckpt.pt")
     rundir.save_checkpoint(path, grpo.trainable_state_dict(tiny),
-                           torch.optim.AdamW([p for p in tiny.parameters() if p.requires_grad]), cfg, 1, 0,
-                           torch.Generator())
+                           torch.optim.AdamW([p for p in tiny.parameters() if p.requires_grad]),
+                           cfg, 1, 0, torch.Generator())
     with pytest.raises(BadInput, match="pass the same"):
         rundir.read_checkpoint(path, dataclasses.replace(cfg, model="Qwen/Qwen3-0.6B"))
 
@@ -524,7 +578,8 @@ def test_gradient_checkpointing_gives_the_same_gradient():
         for block in model.model.layers:
             block.register_forward_pre_hook(lambda m, a: calls.append(1))
         grpo.accumulate_gradients(model, [buffer], cfg, EOS, "cpu")
-        assert len(calls) == 2 * 3 if checkpointing else 2 * 2  # 2 blocks x (prompts, completions, recompute)
+        # 2 blocks x (prompts, completions, recompute)
+        assert len(calls) == 2 * 3 if checkpointing else 2 * 2
         return [p.grad for p in model.parameters() if p.requires_grad]
 
     plain, checkpointed = grads(False), grads(True)
@@ -535,7 +590,8 @@ def test_gradient_checkpointing_gives_the_same_gradient():
 
 def test_rate_is_the_mean_with_the_standard_error_over_questions():
     r = report.rate("acc", [1, 0, 1, 1])
-    assert r["acc"] == 0.75 and r["acc_se"] == pytest.approx((0.25 / 4) ** 0.5)  # sample variance 0.25, n 4
+    # sample variance 0.25, n 4
+    assert r["acc"] == 0.75 and r["acc_se"] == pytest.approx((0.25 / 4) ** 0.5)
     assert report.rate("acc", [1]) == {"acc": 1.0, "acc_se": 0.0}
 
 
@@ -543,16 +599,20 @@ def test_paired_gain_counts_the_questions_that_changed_and_mcnemar_p():
     before = [0] * 10 + [1] * 5 + [0] * 85
     after = [1] * 10 + [1] * 5 + [0] * 85  # 10 questions turned right, none wrong
     g = report.paired_gain(before, after)
-    assert g["eval_gain"] == pytest.approx(0.10) and (g["eval_gain_up"], g["eval_gain_down"]) == (10, 0)
-    assert g["eval_gain_p"] == pytest.approx(2 / 2 ** 10)  # two-sided exact binomial, 10 of 10 one way
-    assert g["eval_gain_se"] == pytest.approx((sum((d - 0.1) ** 2 for d in [1] * 10 + [0] * 90) / 99 / 100) ** 0.5)
-    even = report.paired_gain([1, 0, 1, 0], [0, 1, 0, 1])  # as many turned wrong as right: no evidence at all
+    assert g["eval_gain"] == pytest.approx(0.10) and (g["eval_gain_up"],
+                                                      g["eval_gain_down"]) == (10, 0)
+    # two-sided exact binomial, 10 of 10 one way
+    assert g["eval_gain_p"] == pytest.approx(2 / 2 ** 10)
+    variance = sum((d - 0.1) ** 2 for d in [1] * 10 + [0] * 90) / 99
+    assert g["eval_gain_se"] == pytest.approx((variance / 100) ** 0.5)
+    # as many turned wrong as right: no evidence at all
+    even = report.paired_gain([1, 0, 1, 0], [0, 1, 0, 1])
     assert even["eval_gain"] == 0 and even["eval_gain_p"] == 1.0
 
 
 def train_row(step, **kw):
-    row = {"step": step, "reward_mean": 0.5, "entropy": 0.6, "completion_len_mean": 60.0, "len_right_mean": 58.0,
-           "partial_credit_share": 0.0}
+    row = {"step": step, "reward_mean": 0.5, "entropy": 0.6, "completion_len_mean": 60.0,
+           "len_right_mean": 58.0, "partial_credit_share": 0.0}
     return {**row, **kw}
 
 
@@ -565,12 +625,14 @@ def test_answers_a_third_shorter_within_five_steps_are_warned_about(key, what):
     assert what in report.collapse_warnings(rows + [train_row(6, **{key: 0.66 * base})])
     assert report.collapse_warnings(rows + [train_row(6, **{key: 0.7 * base})]) == ""
     slow = [train_row(1)] + [train_row(s, **{key: 0.8 * base}) for s in range(2, 8)]
-    assert report.collapse_warnings(slow + [train_row(8, **{key: 0.6 * base})]) == ""  # step 1 is too old
+    # step 1 is too old
+    assert report.collapse_warnings(slow + [train_row(8, **{key: 0.6 * base})]) == ""
 
 
 def test_entropy_falling_is_no_warning_and_a_first_step_warns_of_nothing():
     rows = [train_row(s) for s in range(1, 6)]
-    assert report.collapse_warnings(rows + [train_row(6, entropy=0.1 * train_row(0)["entropy"])]) == ""
+    assert report.collapse_warnings(rows + [train_row(6,
+                                                      entropy=0.1 * train_row(0)["entropy"])]) == ""
     assert report.collapse_warnings([train_row(1)]) == ""
     assert report.collapse_warnings([train_row(1), train_row(2, len_right_mean=float("nan"))]) == ""
     assert report.collapse_warnings([{"step": 0, "eval_accuracy": 0.3}]) == ""
@@ -583,12 +645,13 @@ def test_most_correctness_from_partial_credit_is_warned_about():
 
 def test_buffer_stats_split_lengths_by_verdict_and_count_partial_credit():
     def sample(correct, n, score, correctness):
-        scores = {"reward": 0.0, "correct": correct, "format": 1.0, "length_reward": 0.0, "overlong": 0.0,
+        scores = {"reward": 0.0, "correct": correct, "format": 1.0, "length_reward": 0.0,
+                  "overlong": 0.0,
                   "difficulty_bonus": 0.0, "score": score, "correctness": correctness}
         return grpo.Sample([0], [1] * n, advantage=0.5, scores=scores)
 
-    stats = grpo.buffer_stats([sample(True, 40, 1.0, 1.0), sample(False, 60, 0.5, 0.5), sample(False, 80, 0.0, 0.0),
-                               sample(False, 100, 0.2, 0.0)])
+    stats = grpo.buffer_stats([sample(True, 40, 1.0, 1.0), sample(False, 60, 0.5, 0.5),
+                               sample(False, 80, 0.0, 0.0), sample(False, 100, 0.2, 0.0)])
     assert (stats["len_right_mean"], stats["len_wrong_mean"]) == (40, 80)
     assert stats["partial_credit_rate"] == 0.5  # two of four scored strictly between 0 and 1
     assert stats["partial_credit_share"] == pytest.approx(0.5 / 1.5)  # of the correctness paid out
@@ -596,9 +659,11 @@ def test_buffer_stats_split_lengths_by_verdict_and_count_partial_credit():
 
 
 class WordTokenizer:
-    """Just enough of a tokenizer for rollout(): every prompt is two tokens, a completion one token per text."""
+    """Just enough of a tokenizer for rollout(): every prompt is two tokens, a completion one token
+    per text."""
     eos_token_id = 0
-    texts = {3: "<think>2 + 6 = 8</think><answer>8</answer>", 4: "<think>2 + 5 = 8</think><answer>7</answer>"}
+    texts = {3: "<think>2 + 6 = 8</think><answer>8</answer>",
+             4: "<think>2 + 5 = 8</think><answer>7</answer>"}
 
     def apply_chat_template(self, messages, tokenize, add_generation_prompt):
         return messages[-1]["content"]
@@ -613,46 +678,61 @@ class WordTokenizer:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_random_reward_control_keeps_the_rate_and_drops_the_verdicts(seed, monkeypatch):
     completions = [[3], [4], [4], [4], [4], [3], [4], [4]]  # two right answers of eight
-    monkeypatch.setattr(grpo, "generate", lambda *args, **kw: (completions, [False] * len(completions)))
+    fake = lambda *args, **kw: (completions, [False] * len(completions))
+    monkeypatch.setattr(grpo, "generate", fake)
     model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=1024))
     entries = [{"question": "q1", "answer": "8"}, {"question": "q2", "answer": "8"}]
     score = lambda answer, entry: float(answer == entry["answer"])
-    real = grpo.rollout(model, WordTokenizer(), entries, score, grpo.Config(G=4), torch.Generator().manual_seed(seed))
+    real = grpo.rollout(model, WordTokenizer(), entries, score, grpo.Config(G=4),
+                        torch.Generator().manual_seed(seed))
     assert [s.scores["correctness"] for s in real] == [1.0, 0, 0, 0, 0, 1.0, 0, 0]
-    control = grpo.rollout(model, WordTokenizer(), entries, score, grpo.Config(G=4, random_reward=True),
+    control = grpo.rollout(model, WordTokenizer(), entries, score,
+                           grpo.Config(G=4, random_reward=True),
                            torch.Generator().manual_seed(seed))
-    coins = torch.rand(8, generator=torch.Generator().manual_seed(seed)).tolist()  # the control's draws
+    # the control's draws
+    coins = torch.rand(8, generator=torch.Generator().manual_seed(seed)).tolist()
     assert [s.scores["correctness"] for s in control] == [float(c < 2 / 8) for c in coins]
     # metrics still see the real verdicts
     assert [s.scores["correct"] for s in control] == [s.scores["correct"] for s in real]
-    assert all(s.scores["reward"] == pytest.approx(0.85 * s.scores["correctness"] + 0.15) for s in control)
+    assert all(s.scores["reward"] == pytest.approx(0.85 * s.scores["correctness"] + 0.15)
+               for s in control)
     for b in (0, 4):  # advantages from the control's rewards
         group = torch.tensor([[s.scores["reward"] for s in control[b:b + 4]]])
-        assert [s.advantage for s in control[b:b + 4]] == grpo.group_advantages(group, True)[0].tolist()
+        assert [s.advantage for s in control[b:b + 4]] == grpo.group_advantages(group,
+                                                                                True)[0].tolist()
 
 
 def test_check_work_in_a_rollout_pays_only_the_right_answer_with_right_work(monkeypatch):
     completions = [[3], [4]]
     monkeypatch.setattr(WordTokenizer, "texts", {3: WordTokenizer.texts[3],
-                                                 4: "<think>2 + 5 = 8</think><answer>8</answer>"})  # wrong work
-    monkeypatch.setattr(grpo, "generate", lambda *args, **kw: (completions, [False] * len(completions)))
+                                                 # wrong work
+                                                 4: "<think>2 + 5 = 8</think><answer>8</answer>"})
+    fake = lambda *args, **kw: (completions, [False] * len(completions))
+    monkeypatch.setattr(grpo, "generate", fake)
     model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=1024))
     score = lambda answer, entry: float(answer == entry["answer"])
     samples = grpo.rollout(model, WordTokenizer(), [{"question": "q", "answer": "8"}], score,
                            grpo.Config(G=2, check_work=True), torch.Generator())
     assert [s.scores["correct"] for s in samples] == [True, True]
-    assert [s.scores["correctness"] for s in samples] == [1.0, 0.0] and samples[0].advantage > samples[1].advantage
+    assert [s.scores["correctness"] for s in samples] == [1.0, 0.0]
+    assert samples[0].advantage > samples[1].advantage
 
 
 def test_the_faithful_rate_is_the_share_of_right_answers_whose_work_holds(monkeypatch):
-    texts = {3: "<think>2 + 6 = 8</think><answer>8</answer>", 4: "<think>2 + 5 = 8</think><answer>8</answer>",
+    texts = {3: "<think>2 + 6 = 8</think><answer>8</answer>",
+             4: "<think>2 + 5 = 8</think><answer>8</answer>",
              5: "<think>2 + 5 = 7</think><answer>7</answer>"}
     monkeypatch.setattr(WordTokenizer, "texts", texts)
-    monkeypatch.setattr(grpo, "generate", lambda model, prompts, *args, **kw: ([[3], [4], [4], [5]][:len(prompts)],
-                                                                               [False] * len(prompts)))
+    fake = lambda model, prompts, *args, **kw: ([[3], [4], [4], [5]][:len(prompts)],
+                                                [False] * len(prompts))
+    monkeypatch.setattr(grpo, "generate", fake)
     model = types.SimpleNamespace(lm_head=types.SimpleNamespace(weight=torch.zeros(1)))
     entries = [{"question": f"q{i}", "answer": "8"} for i in range(4)]
-    metrics, rows = grpo.evaluate(model, WordTokenizer(), entries, lambda a, e: float(a == e["answer"]), 8)
-    assert metrics["eval_accuracy"] == 0.75 and metrics["eval_faithful_rate"] == pytest.approx(1 / 3)
-    monkeypatch.setattr(WordTokenizer, "texts", {i: "<think>x</think><answer>8</answer>" for i in (3, 4, 5)})
-    assert "eval_faithful_rate" not in grpo.evaluate(model, WordTokenizer(), entries, lambda a, e: 1.0, 8)[0]
+    exact = lambda answer, entry: float(answer == entry["answer"])
+    metrics, rows = grpo.evaluate(model, WordTokenizer(), entries, exact, 8)
+    assert metrics["eval_accuracy"] == 0.75
+    assert metrics["eval_faithful_rate"] == pytest.approx(1 / 3)
+    monkeypatch.setattr(WordTokenizer, "texts",
+                        {i: "<think>x</think><answer>8</answer>" for i in (3, 4, 5)})
+    always = lambda answer, entry: 1.0
+    assert "eval_faithful_rate" not in grpo.evaluate(model, WordTokenizer(), entries, always, 8)[0]

@@ -1,5 +1,5 @@
-"""model.py against transformers: the same logits and gradients from the same weights, for each family it
-supports, and a clear refusal of the others."""
+"""model.py against transformers: the same logits and gradients from the same weights, for each
+family it supports, and a clear refusal of the others."""
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -14,8 +14,9 @@ IDS = torch.tensor([[1, 5, 9, 17, 33, 4, 8, 90, 3, 2], [7, 7, 90, 12, 3, 60, 61,
 @pytest.mark.parametrize("arch, config", [
     ("llama", {}),
     ("llama", {"tie_word_embeddings": False}),
-    ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
+    ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 16}}),
     ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}),
     ("llama", {"attention_bias": True, "mlp_bias": True}),
     ("qwen2", {}),
@@ -24,7 +25,8 @@ IDS = torch.tensor([[1, 5, 9, 17, 33, 4, 8, 90, 3, 2], [7, 7, 90, 12, 3, 60, 61,
 def test_logits_and_gradients_equal_transformers(arch, config):
     model = tiny_model(arch, **config)
     hf = hf_twin(model)
-    assert set(model.state_dict()) == set(hf.state_dict())  # Hugging Face's names, nothing more or less
+    # Hugging Face's names, nothing more or less
+    assert set(model.state_dict()) == set(hf.state_dict())
     ours, theirs = logits(model, IDS), hf(IDS).logits
     assert torch.allclose(ours, theirs, atol=1e-12, rtol=0)
     weight = torch.randn(ours.shape, dtype=ours.dtype, generator=torch.Generator().manual_seed(0))
@@ -37,14 +39,16 @@ def test_logits_and_gradients_equal_transformers(arch, config):
 
 def test_qwen2_keeps_its_query_key_value_biases():
     attn = tiny_model("qwen2").model.layers[0].self_attn
-    assert all(m.bias is not None for m in (attn.q_proj, attn.k_proj, attn.v_proj)) and attn.o_proj.bias is None
+    assert all(m.bias is not None for m in (attn.q_proj, attn.k_proj,
+                                            attn.v_proj)) and attn.o_proj.bias is None
     assert not hasattr(tiny_model("llama").model.layers[0].self_attn, "q_norm")
     assert hasattr(tiny_model("qwen3").model.layers[0].self_attn, "q_norm")
 
 
 def test_positions_shift_the_rotary_embedding_as_a_longer_sequence_would():
-    """A sequence run at positions 3.. sees the keys it would see after 3 more tokens: the last logits of
-    (a + b) equal those of b run with a's keys in front, which is what every cache relies on."""
+    """A sequence run at positions 3.. sees the keys it would see after 3 more tokens: the last
+    logits of (a + b) equal those of b run with a's keys in front, which is what every cache relies
+    on."""
     model = tiny_model("llama")
     a, b = IDS[:1, :3], IDS[:1, 3:]
     whole = logits(model, torch.cat([a, b], 1))[:, 3:]
@@ -57,10 +61,13 @@ def test_positions_shift_the_rotary_embedding_as_a_longer_sequence_would():
 
 def test_an_unsupported_architecture_is_refused_with_one_line():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
-    with pytest.raises(BadInput, match="model type 'gpt2' is not supported: model.py implements llama, qwen2, qwen3"):
+    with pytest.raises(BadInput,
+                       match="model type 'gpt2' is not supported: model.py implements llama, "
+                             "qwen2, qwen3"):
         M.from_hf(gpt2)
 
 
 def test_an_unknown_rope_scaling_is_refused():
     with pytest.raises(BadInput, match="rope scaling 'yarn'"):
-        tiny_model("llama", rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0})
+        tiny_model("llama", rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                             "factor": 4.0})

@@ -6,14 +6,8 @@ import pytest
 import reasoning_gym as rg
 
 from reward import (
-    add_rewards,
-    correctness_reward,
-    extract_answer,
-    format_reward,
-    length_rewards,
-    random_correctness,
-    score_completion,
-    total_reward,
+    add_rewards, correctness_reward, extract_answer, format_reward,
+    length_rewards, random_correctness, score_completion, total_reward,
     work_lines,
 )
 
@@ -21,12 +15,16 @@ from reward import (
 COMPLETIONS = [
     ("no_tags", "The answer is Yes.", None, 0.0),
     ("tight_tags", "<think>x</think><answer>Yes</answer>", "Yes", 1.0),
-    ("newlines", "<think>\nAll cats are animals.\n</think>\n<answer>\nYes\n</answer>\n", "Yes", 1.0),
+    ("newlines", "<think>\nAll cats are animals.\n</think>\n<answer>\nYes\n</answer>\n", "Yes",
+     1.0),
     ("surrounding_ws", "  \n<think> x </think>  \n\n  <answer>  No  </answer>  \n", "No", 1.0),
-    ("multiline_answer", "<think>x</think><answer>\nline 1\nline 2\n</answer>", "line 1\nline 2", 1.0),
+    ("multiline_answer", "<think>x</think><answer>\nline 1\nline 2\n</answer>", "line 1\nline 2",
+     1.0),
     ("upper_case_tags", "<THINK>x</THINK><ANSWER>Yes</ANSWER>", "Yes", 1.0),
-    ("two_answers_last_wins", "<think>x</think><answer>No</answer><answer>Yes</answer>", "Yes", 0.0),
-    ("draft_answer_in_think", "<think>maybe <answer>No</answer>?</think><answer>Yes</answer>", "Yes", 0.0),
+    ("two_answers_last_wins", "<think>x</think><answer>No</answer><answer>Yes</answer>", "Yes",
+     0.0),
+    ("draft_answer_in_think", "<think>maybe <answer>No</answer>?</think><answer>Yes</answer>",
+     "Yes", 0.0),
     ("empty_answer", "<think>x</think><answer> </answer>", "", 0.0),
     ("answer_without_think", "<answer>Yes</answer>", "Yes", 0.0),
     ("think_without_answer", "<think>I am still thinking</think>", None, 0.0),
@@ -79,8 +77,7 @@ def logic():
 
 
 @pytest.mark.parametrize(
-    "text, score, correct",
-    [
+    "text, score, correct", [
         ("<think>x</think><answer>Yes</answer>", 1.0, True),
         ("<think>x</think><answer>\n  Yes \n</answer>", 1.0, True),  # stripped before scoring
         ("<think>x</think><answer>No</answer>", 0.0, False),
@@ -95,7 +92,8 @@ def test_syllogism_scored_with_real_scorer(syllogism, text, score, correct):
     assert result["score"] == pytest.approx(score)
     assert result["correct"] is correct
     assert result["correctness"] == float(correct)  # the reward's: full marks or nothing
-    assert score_completion(text, entry, ds.score_answer, partial_credit=True)["correctness"] == pytest.approx(score)
+    assert score_completion(text, entry, ds.score_answer,
+                            partial_credit=True)["correctness"] == pytest.approx(score)
 
 
 def test_raw_scorer_rejects_surrounding_whitespace(syllogism):
@@ -106,8 +104,7 @@ def test_raw_scorer_rejects_surrounding_whitespace(syllogism):
 
 
 @pytest.mark.parametrize(
-    "answer, correctness",
-    [
+    "answer, correctness", [
         ("¬(P ↔ S)", 1.0),  # a premise restated is a valid conclusion
         ("¬S", 1.0),  # follows from ¬(P ↔ S) and P
         ("(P ∧ ¬S)", 1.0),
@@ -148,7 +145,8 @@ def test_scorer_that_raises_gives_zero():
     assert score_completion("<think>x</think><answer>((</answer>", {}, broken)["correctness"] == 0.0
 
 
-@pytest.mark.parametrize("raw, clamped", [(1.7, 1.0), (-0.3, 0.0), (float("nan"), 0.0), (None, 0.0)])
+@pytest.mark.parametrize("raw, clamped", [(1.7, 1.0), (-0.3, 0.0), (float("nan"), 0.0),
+                                          (None, 0.0)])
 def test_correctness_is_clamped_to_unit_interval(raw, clamped):
     assert correctness_reward("a", {}, lambda answer, entry: raw) == clamped
 
@@ -156,26 +154,27 @@ def test_correctness_is_clamped_to_unit_interval(raw, clamped):
 def test_score_completion_returns_all_fields(syllogism):
     ds, entry = syllogism
     result = score_completion("<think>x</think><answer>Yes</answer>", entry, ds.score_answer)
-    assert result == {"answer": "Yes", "score": 1.0, "correctness": 1.0, "format": 1.0, "correct": True,
-                      "work_lines": 0, "work_holds": True}
+    assert result == {"answer": "Yes", "score": 1.0, "correctness": 1.0, "format": 1.0,
+                      "correct": True, "work_lines": 0, "work_holds": True}
 
 
-# --- partial credit: reasoning-gym's substring scores, paid only when asked --------------------------------
+# --- partial credit: reasoning-gym's substring scores, paid only when asked
+# --------------------------------
 
 
 @pytest.fixture(scope="module")
 def equation():
-    ds = rg.create_dataset("simple_equations", size=50, seed=3, min_terms=2, max_terms=2, min_value=1,
-                           max_value=10, operators_weights=[0.5, 0.5, 0])
+    ds = rg.create_dataset("simple_equations", size=50, seed=3, min_terms=2, max_terms=2,
+                           min_value=1, max_value=10, operators_weights=[0.5, 0.5, 0])
     entry = next(e for e in ds if e["answer"] == "8")
     return ds, entry
 
 
 @pytest.mark.parametrize(
-    "answer, score",
-    [
+    "answer, score", [
         ("8", 1.0),
-        ("58", 0.5),  # the reference is a substring: reasoning-gym's default scorer pays len(ref) / len(answer)
+        # the reference is a substring: reasoning-gym's default scorer pays len(ref) / len(answer)
+        ("58", 0.5),
         ("-8", 0.5),
         ("x = 8", 0.2),  # a right answer written out earns less than a wrong "58"
         ("7", 0.0),
@@ -185,18 +184,22 @@ def test_substring_partial_credit_is_not_paid_by_default(equation, answer, score
     ds, entry = equation
     text = f"<think>work</think><answer>{answer}</answer>"
     assert score_completion(text, entry, ds.score_answer)["score"] == pytest.approx(score)
-    assert score_completion(text, entry, ds.score_answer)["correctness"] == (1.0 if score == 1 else 0.0)
-    assert score_completion(text, entry, ds.score_answer, partial_credit=True)["correctness"] == pytest.approx(score)
+    assert score_completion(text, entry, ds.score_answer)["correctness"] == (1.0 if score == 1
+                                                                             else 0.0)
+    assert score_completion(text, entry, ds.score_answer,
+                            partial_credit=True)["correctness"] == pytest.approx(score)
 
 
-# --- worked lines: the arithmetic a completion shows, checked ------------------------------------------------
+# --- worked lines: the arithmetic a completion shows, checked
+# ------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "text, holds",
-    [
-        ("Subtract 5 from both sides: 8*e = 61 - 5 = 56\nDivide both sides by 8: e = 56 / 8 = 7", [True, True]),
-        ("7*u = 60 - 4 = 54\nu = 54 / 7 = 8", [False, False]),  # right answers, wrong work (a real completion)
+    "text, holds", [
+        ("Subtract 5 from both sides: 8*e = 61 - 5 = 56\nDivide both sides by 8: e = 56 / 8 = 7",
+         [True, True]),
+        # right answers, wrong work (a real completion)
+        ("7*u = 60 - 4 = 54\nu = 54 / 7 = 8", [False, False]),
         ("Add 9 to both sides: -6*i = -27 - 9 = -35", [False]),
         ("-27 - 9 = -36", [True]),
         ("13 + 45 - 7 = 51\n51 + 8 = 59", [True, True]),  # a chain is evaluated whole
@@ -208,7 +211,8 @@ def test_substring_partial_credit_is_not_paid_by_default(equation, answer, score
         ("(4 + 5) * 2 = 18", []),
         ("x = 7", []),
         ("e = 5.5.5 + 1 = 2", []),
-        ("5 + 3 = 8 -\n-28 - 15 = -43", [True, True]),  # a line's work ends with the line (a real completion)
+        # a line's work ends with the line (a real completion)
+        ("5 + 3 = 8 -\n-28 - 15 = -43", [True, True]),
         ("13 +\n-28 - 15 = -43", [True]),
         ("7 - 2\n= 5", []),
     ],
@@ -219,9 +223,10 @@ def test_work_lines_check_each_worked_step(text, holds):
 
 def test_work_lines_never_raise_on_odd_text():
     rng = random.Random(0)
-    noise = ["".join(rng.choice("0123456789 +-*/=.\n\tx()") for _ in range(rng.randint(1, 40))) for _ in range(20000)]
-    for text in ["1" + " + 1" * 2000 + " = 2001", "3 -\t\n- 2 = 1", "1 / 0.0 = 0", "0 - -0 = 0", "9" * 400 + " + 1 = 1",
-                 *noise]:
+    noise = ["".join(rng.choice("0123456789 +-*/=.\n\tx()") for _ in range(rng.randint(1, 40)))
+             for _ in range(20000)]
+    for text in ["1" + " + 1" * 2000 + " = 2001", "3 -\t\n- 2 = 1", "1 / 0.0 = 0", "0 - -0 = 0",
+                 "9" * 400 + " + 1 = 1", *noise]:
         assert all(isinstance(h, bool) for h in work_lines(text))
 
 
@@ -229,15 +234,19 @@ def test_check_work_pays_a_right_answer_only_with_right_work(equation):
     ds, entry = equation
     good = "<think>\n2 + 6 = 8\n</think>\n<answer>8</answer>"
     bad = "<think>\n2 + 5 = 8\n</think>\n<answer>8</answer>"
-    assert score_completion(bad, entry, ds.score_answer)["correctness"] == 1.0  # by default only the answer counts
+    # by default only the answer counts
+    assert score_completion(bad, entry, ds.score_answer)["correctness"] == 1.0
     assert score_completion(bad, entry, ds.score_answer, check_work=True)["correctness"] == 0.0
     assert score_completion(good, entry, ds.score_answer, check_work=True)["correctness"] == 1.0
-    assert score_completion(bad, entry, ds.score_answer, check_work=True)["correct"]  # metrics: the task's verdict
+    # metrics: the task's verdict
+    assert score_completion(bad, entry, ds.score_answer, check_work=True)["correct"]
 
 
 def test_random_correctness_keeps_the_rate_and_forgets_the_verdicts():
-    groups = [[{"correctness": c} for c in (1.0, 0.0, 0.0)], [{"correctness": c} for c in (1.0, 0.0, 0.0)]]
-    random_correctness(groups, coins=[0.9, 0.1, 0.5, 0.2, 0.4, 0.3])  # real rate 2/6: a coin below 1/3 is right
+    groups = [[{"correctness": c} for c in (1.0, 0.0, 0.0)],
+              [{"correctness": c} for c in (1.0, 0.0, 0.0)]]
+    # real rate 2/6: a coin below 1/3 is right
+    random_correctness(groups, coins=[0.9, 0.1, 0.5, 0.2, 0.4, 0.3])
     assert [p["correctness"] for g in groups for p in g] == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
 
 
@@ -254,8 +263,7 @@ def test_add_rewards_totals_from_the_parts_correctness():
 
 
 @pytest.mark.parametrize(
-    "lengths, correct, expected",
-    [
+    "lengths, correct, expected", [
         ([50, 50, 50], [True, False, True], [0.0, 0.0, 0.0]),  # nothing to compare
         ([10, 20, 30], [True, True, True], [0.5, 0.0, -0.5]),  # shortest +0.5, longest -0.5
         ([10, 20, 30], [False, False, False], [0.0, 0.0, -0.5]),  # short but wrong clipped to 0
@@ -277,8 +285,7 @@ def test_length_rewards_rejects_mismatched_inputs():
 
 
 @pytest.mark.parametrize(
-    "args, kwargs, expected",
-    [
+    "args, kwargs, expected", [
         ((1.0, 1.0), {}, 1.0),  # default weights 0.85 + 0.15
         ((1.0, 0.0), {}, 0.85),
         ((0.0, 1.0), {}, 0.15),

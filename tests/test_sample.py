@@ -1,4 +1,5 @@
-"""sample.py: export a merged model that plain transformers loads, and the adapter in PEFT's layout."""
+"""sample.py: export a merged model that plain transformers loads, and the adapter in PEFT's
+layout."""
 import dataclasses
 import json
 import subprocess
@@ -30,7 +31,8 @@ def trained_ckpt(tiny_model_dir, tmp_path):
             p.data = torch.randn(p.shape, generator=g) * 0.1
     path = str(tmp_path / "ckpt.pt")
     rundir.save_checkpoint(path, grpo.trainable_state_dict(model),
-                           torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), cfg, 1, 0, torch.Generator())
+                           torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]),
+                           cfg, 1, 0, torch.Generator())
     return path
 
 
@@ -43,28 +45,32 @@ def test_merged_export_gives_the_logits_of_base_plus_adapter(trained_ckpt, tmp_p
             base = logits(model, ids)
     assert not torch.allclose(adapted, base, atol=1e-3)  # the adapter matters
     out = tmp_path / "export"
-    r = subprocess.run([sys.executable, "sample.py", "--ckpt", trained_ckpt, "--export", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt", trained_ckpt, "--export", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     merged = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, none of our code
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, adapted, atol=1e-4)
     adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert adapter_cfg["peft_type"] == "LORA" and adapter_cfg["r"] == 4 and adapter_cfg["lora_alpha"] == 8.0
+    assert adapter_cfg["peft_type"] == "LORA"
+    assert adapter_cfg["r"] == 4
+    assert adapter_cfg["lora_alpha"] == 8.0
     keys = load_file(out / "adapter" / "adapter_model.safetensors")
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
     assert len(keys) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
 
 
 def test_sample_answers_held_out_questions_with_reward_parts(trained_ckpt):
-    r = subprocess.run([sys.executable, "sample.py", "--ckpt", trained_ckpt, "--n", "2", "--max_new_tokens", "8"],
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt", trained_ckpt, "--n", "2",
+                        "--max_new_tokens", "8"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("reference ") == 2 and "score" in r.stdout
 
 
 def test_peft_loads_the_exported_adapter(trained_ckpt, tmp_path):
-    peft = pytest.importorskip("peft")  # not a dependency of the project: checked where it is installed
+    # not a dependency of the project: checked where it is installed
+    peft = pytest.importorskip("peft")
     model, tok, cfg = sample.load(trained_ckpt, dtype="float32")
     ids = torch.tensor([R.encode_prompt(tok, "Is 7 prime?")])
     with torch.no_grad():

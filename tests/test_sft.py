@@ -28,7 +28,8 @@ def test_prompt_tokens_carry_no_loss():
         p = len(s.prompt)
         labels[i, p:p + len(s.completion)] = torch.tensor(s.completion)
     logits = hf_twin(model)(input_ids=ids, attention_mask=mask).logits
-    ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                          ignore_index=-100)
     assert torch.allclose(ours, ref, atol=1e-12)
 
 
@@ -58,8 +59,8 @@ def test_jsonl_reads_question_response_and_chat_messages(tmp_path):
 
 
 class FlakyTeacher(BaseHTTPRequestHandler):
-    """A stand-in OpenAI-compatible endpoint: each question is first refused with 429, then fails with 503,
-    then answered with a well-formed response that gives the reference answer."""
+    """A stand-in OpenAI-compatible endpoint: each question is first refused with 429, then fails
+    with 503, then answered with a well-formed response that gives the reference answer."""
     seen: dict = {}
     requests: list = []
 
@@ -73,7 +74,8 @@ class FlakyTeacher(BaseHTTPRequestHandler):
             self.end_headers()
             return
         answer = prompt.split("The correct answer is: ")[1].split("\n")[0]
-        reply = {"choices": [{"message": {"role": "assistant", "content": f"<think>ok</think><answer>{answer}</answer>"}}]}
+        content = f"<think>ok</think><answer>{answer}</answer>"
+        reply = {"choices": [{"message": {"role": "assistant", "content": content}}]}
         data = json.dumps(reply).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -92,13 +94,16 @@ def test_teacher_client_retries_and_caches(tmp_path, monkeypatch):
     monkeypatch.setattr(sft.time, "sleep", sleeps.append)
     try:
         entries = list(rg.create_dataset("syllogism", size=3, seed=5))
-        cfg = dataclasses.replace(sft.SFTConfig(), teacher=f"http://127.0.0.1:{server.server_port}/v1",
+        cfg = dataclasses.replace(sft.SFTConfig(),
+                                  teacher=f"http://127.0.0.1:{server.server_port}/v1",
                                   teacher_model="stand-in", teacher_concurrency=2)
         cache = str(tmp_path / "examples.jsonl")
         got = sft.teacher_examples(entries, cfg, cache)
         assert len(FlakyTeacher.requests) == 9  # 3 questions x (429, 503, 200)
-        assert sorted(sleeps) == [1.0] * 3 + [2.0] * 3  # per question: wait 1 s, then 2 s (exponential backoff)
-        assert len(sft.verified(got, rg.create_dataset("syllogism", size=3, seed=5).score_answer)) == 3
+        # per question: wait 1 s, then 2 s (exponential backoff)
+        assert sorted(sleeps) == [1.0] * 3 + [2.0] * 3
+        assert len(sft.verified(got, rg.create_dataset("syllogism", size=3,
+                                                       seed=5).score_answer)) == 3
         # a rerun asks nothing: every answer is in the cache
         again = sft.teacher_examples(entries, cfg, cache)
         assert len(FlakyTeacher.requests) == 9
@@ -126,12 +131,14 @@ def test_worked_solutions_from_metadata_show_the_procedure_and_are_verified(task
 
 
 def test_worked_equation_steps_are_the_inverse_operations():
-    entry = {"answer": "13", "metadata": {"source_dataset": "simple_equations", "equation": "9 - 15*e = -186",
-                                          "variable": "e"}}
-    assert sft.equation_response(entry) == ("Subtract 9 from both sides: -15*e = -186 - 9 = -195\n"
-                                            "Divide both sides by -15: e = -195 / -15 = 13")
-    minus = {"answer": "7", "metadata": {"source_dataset": "simple_equations", "equation": "3*y - 4 = 17",
-                                         "variable": "y"}}
-    assert sft.equation_response(minus) == "Add 4 to both sides: 3*y = 17 + 4 = 21\nDivide both sides by 3: y = 21 / 3 = 7"
-    chain = {"answer": "14", "metadata": {"source_dataset": "chain_sum", "expression": "12 + 7 - 5"}}
+    entry = {"answer": "13", "metadata": {"source_dataset": "simple_equations",
+                                          "equation": "9 - 15*e = -186", "variable": "e"}}
+    assert sft.equation_response(entry) == ("Subtract 9 from both sides: -15*e = -186 - 9 = "
+                                            "-195\nDivide both sides by -15: e = -195 / -15 = 13")
+    minus = {"answer": "7", "metadata": {"source_dataset": "simple_equations",
+                                         "equation": "3*y - 4 = 17", "variable": "y"}}
+    assert sft.equation_response(minus) == ("Add 4 to both sides: 3*y = 17 + 4 = 21\n"
+                                            "Divide both sides by 3: y = 21 / 3 = 7")
+    chain = {"answer": "14", "metadata": {"source_dataset": "chain_sum",
+                                          "expression": "12 + 7 - 5"}}
     assert sft.chain_response(chain) == "12 + 7 = 19\n19 - 5 = 14"

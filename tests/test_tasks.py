@@ -1,4 +1,5 @@
-"""Specification of tasks.py and the sampling methods: curriculum, dynamic sampling, mixes, JSONL data."""
+"""Specification of tasks.py and the sampling methods: curriculum, dynamic sampling, mixes, JSONL
+data."""
 import dataclasses
 import json
 import random
@@ -28,7 +29,8 @@ def test_curriculum_favours_questions_that_are_sometimes_solved():
         pool.record(0, 1.0)  # always solved
         pool.record(1, 0.5)  # sometimes
         pool.record(2, 0.0)  # never
-    assert pool.weight(pool.active[1]) > pool.weight(pool.active[0]) == pool.weight(pool.active[2]) > 0
+    first, middle, last = (pool.weight(q) for q in pool.active[:3])
+    assert middle > first == last > 0
     draws = [pool.draw(1, random.Random(s))[0] for s in range(300)]
     assert draws.count(1) > draws.count(0) + draws.count(2)
     assert sorted(pool.draw(3, random.Random(0))) == [0, 1, 2]  # distinct questions
@@ -54,7 +56,8 @@ def test_curriculum_retires_questions_solved_on_their_last_visits_and_refills():
 
 
 def fake_rollout(pattern):
-    """A rollout whose groups' correctness follows `pattern` (a list of per-group lists), cycling."""
+    """A rollout whose groups' correctness follows `pattern` (a list of per-group lists),
+    cycling."""
     groups = iter(pattern * 100)
 
     def rollout(model, tok, entries, score_fn, cfg, generator, pass_rates=None):
@@ -69,18 +72,21 @@ def fake_rollout(pattern):
 
 def test_dynamic_sampling_keeps_no_zero_variance_group(monkeypatch):
     monkeypatch.setattr(grpo, "rollout", fake_rollout([[1, 1], [0, 1], [0, 0], [1, 0]]))
-    cfg = dataclasses.replace(grpo.Config(), exploration_batchsize=2, G=2, buffer_size=8, dynamic_sampling=True)
+    cfg = dataclasses.replace(grpo.Config(), exploration_batchsize=2, G=2, buffer_size=8,
+                              dynamic_sampling=True)
     task = ListTask(entry(i) for i in range(1000))
-    buffer, sampled, stats = grpo.fill_buffer(None, None, T.Questions(task, set()), None, cfg, None, "test")
+    buffer, sampled, stats = grpo.fill_buffer(None, None, T.Questions(task, set()), None, cfg, None,
+                                              "test")
     groups = [buffer[i:i + 2] for i in range(0, len(buffer), 2)]
     assert len(buffer) == 8 and all(len({s.scores["correct"] for s in g}) == 2 for g in groups)
     assert stats["dropped_group_rate"] == 0.5 and len(sampled) == 16 and stats["rollouts"] == 4
 
 
 def test_dynamic_sampling_stops_at_its_bound(monkeypatch):
-    monkeypatch.setattr(grpo, "rollout", fake_rollout([[1, 1]]))  # every group is all right: nothing to keep
-    cfg = dataclasses.replace(grpo.Config(), exploration_batchsize=2, G=2, buffer_size=8, dynamic_sampling=True,
-                              dynamic_sampling_bound=3.0)
+    # every group is all right: nothing to keep
+    monkeypatch.setattr(grpo, "rollout", fake_rollout([[1, 1]]))
+    cfg = dataclasses.replace(grpo.Config(), exploration_batchsize=2, G=2, buffer_size=8,
+                              dynamic_sampling=True, dynamic_sampling_bound=3.0)
     questions = T.Questions(ListTask(entry(i) for i in range(1000)), set())
     buffer, sampled, stats = grpo.fill_buffer(None, None, questions, None, cfg, None, "test")
     assert buffer == [] and stats["rollouts"] == 2 * 3 and stats["dropped_group_rate"] == 1.0
@@ -100,7 +106,8 @@ def test_the_last_rollout_draws_only_the_questions_the_buffer_still_needs(monkey
     cfg = dataclasses.replace(grpo.Config(), exploration_batchsize=4, G=2, buffer_size=11)
     questions = T.Questions(ListTask(entry(i) for i in range(100)), set())
     buffer, sampled, stats = grpo.fill_buffer(None, None, questions, None, cfg, None, "test")
-    assert len(buffer) == len(sampled) == 12 and questions.index == 6 and stats["rollouts"] == 2  # 4 questions, then 2
+    # 4 questions, then 2
+    assert len(buffer) == len(sampled) == 12 and questions.index == 6 and stats["rollouts"] == 2
 
 
 @pytest.mark.parametrize("length, penalty", [(10, 0.0), (250, 0.0), (275, -0.5), (300, -1.0)])
@@ -128,7 +135,8 @@ def test_jsonl_task_reads_gsm8k_answers_and_compares_numbers(tmp_path):
     four, paris = by_q["2+2?"], by_q["Capital of France?"]
     assert four["answer"] == "4" and T.source(four) == "mine.jsonl"
     assert [task.score_answer(a, four) for a in ("4", "4.0", "1,0", "four")] == [1.0, 1.0, 0.0, 0.0]
-    assert [task.score_answer(a, paris) for a in ("paris", " Paris ", "Lyon", None)] == [1.0, 1.0, 0.0, 0.0]
+    assert [task.score_answer(a, paris) for a in ("paris", " Paris ", "Lyon", None)] == [1.0, 1.0,
+                                                                                         0.0, 0.0]
 
 
 def test_a_bad_jsonl_line_gives_its_line_number(tmp_path):
@@ -140,11 +148,15 @@ def test_a_bad_jsonl_line_gives_its_line_number(tmp_path):
 
 def test_a_short_run_with_every_method_on_logs_its_metrics(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    grpo.main(small_config(tiny_model_dir, out, max_steps=2, task="syllogism:invalid_ratio=0.5@2,basic_arithmetic",
-                           eval_task="leg_counting,syllogism", dynamic_sampling=True, dynamic_sampling_bound=2.0,
-                           pool_size=6, w_length=0.1, w_overlong=0.5, overlong_buffer=4, w_difficulty=0.2))
+    grpo.main(small_config(tiny_model_dir, out, max_steps=2,
+                           task="syllogism:invalid_ratio=0.5@2,basic_arithmetic",
+                           eval_task="leg_counting,syllogism", dynamic_sampling=True,
+                           dynamic_sampling_bound=2.0,
+                           pool_size=6, w_length=0.1, w_overlong=0.5, overlong_buffer=4,
+                           w_difficulty=0.2))
     log = read_log(out)
-    for key in ("dropped_group_rate", "rollouts", "pool_active", "pool_retired", "pool_pass_rate", "overlong_mean",
+    for key in ("dropped_group_rate", "rollouts", "pool_active", "pool_retired", "pool_pass_rate",
+                "overlong_mean",
                 "length_reward_mean", "difficulty_bonus_mean", "eval_accuracy/leg_counting",
                 "eval_accuracy/syllogism"):
         assert key in log[-1], key
@@ -152,9 +164,12 @@ def test_a_short_run_with_every_method_on_logs_its_metrics(tiny_model_dir, tmp_p
 
 
 def test_eval_questions_are_distinct_even_where_the_task_repeats_itself():
-    task = T.make_task("chain_sum:min_terms=2:max_terms=2:min_digits=1:max_digits=1", 2000, 10**9)  # 10 x 10 x 2 sums
+    # 10 x 10 x 2 sums
+    task = T.make_task("chain_sum:min_terms=2:max_terms=2:min_digits=1:max_digits=1", 2000, 10**9)
     questions = [e["question"] for e in T.eval_entries(task, 150)]
     assert len(questions) == len(set(questions)) == 150
     assert len({e["question"] for e in list(task)[:150]}) < 150  # the first 150 items do repeat
-    held_task, held = T.held_out("chain_sum:min_terms=2:max_terms=2:min_digits=1:max_digits=1", 150, 10**9)
-    assert [e["question"] for e in held] == questions  # what grpo.py, sft.py and sample.py evaluate on
+    held_task, held = T.held_out("chain_sum:min_terms=2:max_terms=2:min_digits=1:max_digits=1", 150,
+                                 10**9)
+    # what grpo.py, sft.py and sample.py evaluate on
+    assert [e["question"] for e in held] == questions
