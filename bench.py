@@ -30,9 +30,9 @@ import torch
 
 import flags
 import grpo
-import model as M
-import reward as R
-import tasks as T
+from model import to_hf
+import reward
+import tasks
 import weights
 from flags import opt
 from packed import frozen_linears, keep_freed_memory
@@ -78,9 +78,9 @@ def measure(args: BenchConfig, device: str, dtype: torch.dtype, why: str) -> dic
     if device == "cpu":
         keep_freed_memory()  # as grpo.py does
     n_params = sum(p.numel() for p in model.parameters())
-    task = T.make_task(cfg.task, 10**6, 0)
+    task = tasks.make_task(cfg.task, 10**6, 0)
     entries = [task[i] for i in range(cfg.exploration_batchsize)]
-    prompts = [R.encode_prompt(tok, e["question"]) for e in entries]
+    prompts = [reward.encode_prompt(tok, e["question"]) for e in entries]
     r = {"device": device, "dtype": str(dtype).replace("torch.", ""),
          "model_params_m": n_params / 1e6, "matmul_gflops": matmul_gflops(device, dtype)}
     sample_limit = r["matmul_gflops"] * 1e9 / (2 * n_params)
@@ -92,7 +92,7 @@ def measure(args: BenchConfig, device: str, dtype: torch.dtype, why: str) -> dic
     run_ours = lambda: grpo.generate(model, prompts, cfg.G, cfg.max_new_tokens, cfg.temperature,
                                      cfg.top_p, tok.eos_token_id, gen, stop_at_eos=False)
     ids, mask = grpo.left_pad(prompts, tok.eos_token_id, device)
-    hf = M.to_hf(model).to(device)  # transformers' own model and generate, on the same weights
+    hf = to_hf(model).to(device)  # transformers' own model and generate, on the same weights
     run_hf = lambda: hf.generate(
         input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature,
                                  top_p=cfg.top_p, top_k=0,
@@ -117,7 +117,7 @@ def measure(args: BenchConfig, device: str, dtype: torch.dtype, why: str) -> dic
     r["sampler_vs_limit"] = r["sampler_tok_s"] / sample_limit
     # ... and at grpo.py's default rollout size (exploration_batchsize questions x G at once): more
     # rows per step use each weight read for more tokens. One run, the code already warm.
-    wide = [R.encode_prompt(tok, task[i]["question"])
+    wide = [reward.encode_prompt(tok, task[i]["question"])
             for i in range(grpo.Config().exploration_batchsize)]
     with torch.no_grad():
         _, s = timed(lambda: grpo.generate(model, wide, cfg.G, cfg.max_new_tokens, cfg.temperature,

@@ -48,6 +48,16 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def sum_gradients(params: list) -> None:
+    """Each parameter's .grad summed over all processes, as one flat tensor (one sync)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    flat = all_sum(torch.cat([torch.zeros_like(p).flatten() if p.grad is None
+                              else p.grad.flatten() for p in params]))
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
 def gather(rows: list) -> list:
     """Every process's rows, in rank order, on every process."""
     if not dist.is_initialized():

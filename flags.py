@@ -85,7 +85,7 @@ def read_recipe(path: str, cls, program: str) -> dict:
     own = [(f"[{program}] ", k, v) for k, v in recipe.get(program, {}).items()]
     for where, key, value in shared + own:
         if key not in fields:
-            hint = f": put it under the section of the program that has it" if not where else ""
+            hint = ": put it under the section of the program that has it" if not where else ""
             fail(f"{path}: {where}{key} is not a flag of {program}.py{hint} ({program}.py --help "
                  f"lists them)")
         typ = field_type(fields[key])

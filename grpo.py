@@ -420,14 +420,6 @@ class Sample:
                 "length": len(self.completion)}
 
 
-def check_context(model, prompts: list[list[int]], max_new_tokens: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    longest = max(len(p) for p in prompts)
-    if limit and longest + max_new_tokens > limit:
-        fail(f"a prompt of {longest} tokens + --max_new_tokens {max_new_tokens} exceeds the "
-             f"model's context of {limit} tokens: lower --max_new_tokens")
-
-
 def group_advantages(rewards: torch.Tensor, scale: bool, eps: float = 1e-4) -> torch.Tensor:
     """rewards (B, G) -> advantages (B, G): each completion against its own group. Equal rewards
     give exactly 0 (the float mean of six 0.15s is off by one ulp, which the division by std + eps
@@ -441,7 +433,7 @@ def rollout(model, tok, entries: list[dict], score_fn, cfg: Config, generator,
             pass_rates=None) -> list[Sample]:
     """Sample G completions of each entry (a question and its answer) and score them."""
     prompts = [reward.encode_prompt(tok, e["question"]) for e in entries]
-    check_context(model, prompts, cfg.max_new_tokens)
+    weights.check_context(model, prompts, cfg.max_new_tokens)
     completions, truncated = generate(model, prompts, cfg.G, cfg.max_new_tokens, cfg.temperature,
                                       cfg.top_p, tok.eos_token_id, generator)
     texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
@@ -652,11 +644,7 @@ def optimizer_step(optimizer, params: list, grad_clip: float) -> float:
     """Sum the gradients over processes (one sync per optimizer step), clip them and step; no step
     if their norm is not finite: one bad batch must not poison the weights (the verdict is the same
     on every rank). Returns the norm."""
-    if ddp.rank_world()[1] > 1:
-        flat = ddp.all_sum(torch.cat([torch.zeros_like(p).flatten() if p.grad is None
-                                      else p.grad.flatten() for p in params]))
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad = g.view_as(p)
+    ddp.sum_gradients(params)
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     norm = norm.item()
     if math.isfinite(norm):
@@ -801,7 +789,7 @@ def main(cfg: Config):
         keep_freed_memory()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eval_prompts = [reward.encode_prompt(tok, e["question"]) for e in eval_entries]
-    check_context(model, eval_prompts, cfg.max_new_tokens)
+    weights.check_context(model, eval_prompts, cfg.max_new_tokens)
     apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
     params = [p for p in model.parameters() if p.requires_grad]
     print(f"trainable: {sum(p.numel() for p in params) / 1e6:.2f}M params (LoRA r {cfg.lora_r}; "
@@ -854,8 +842,9 @@ def main(cfg: Config):
         stopping = stop.requested()
         stalled = report.no_signal(run.rows, cfg.no_signal_steps, cfg.task)
         if step % cfg.save_interval == 0 or step == cfg.max_steps or stopping or stalled:
-            run.save_checkpoint(trainable_state_dict(model), optimizer, cfg, step, questions,
-                                generator, pool=pool, eval_start=start_verdicts)
+            run.save_checkpoint(trainable_state_dict(model), optimizer, cfg, step=step,
+                                questions=questions, generator=generator, pool=pool,
+                                eval_start=start_verdicts)
         if stalled:
             fail(stalled)  # one line, exit 2: the checkpoint and the log stay valid
         if stopping:

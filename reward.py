@@ -154,31 +154,33 @@ def score_completion(text: str, entry: dict, score_answer: ScoreFn, partial_cred
     }
 
 
-def score_group(texts: list[str], lengths: list[int], entry: dict, score_answer: ScoreFn, w,
+def score_group(texts: list[str], lengths: list[int], entry: dict, score_answer: ScoreFn, cfg,
                 pass_rate: float | None = None) -> list[dict]:
-    """Reward parts and total of the G completions of one question. `w` holds the weights
-    (w_correct, w_format, w_length, w_overlong, w_difficulty), partial_credit, check_work,
-    max_new_tokens and overlong_buffer (grpo.py's Config). pass_rate: the question's pass rate from
-    the curriculum pool; without one, the group's own."""
-    parts = [score_completion(t, entry, score_answer, w.partial_credit,
-                              w.check_work) for t in texts]
-    return add_rewards(parts, lengths, w, pass_rate)
+    """Reward parts and total of the G completions of one question. `cfg` (grpo.py's Config) gives
+    the weights (w_correct, w_format, w_length, w_overlong, w_difficulty), partial_credit,
+    check_work, max_new_tokens and overlong_buffer. pass_rate: the question's pass rate from the
+    curriculum pool; without one, the group's own."""
+    parts = [score_completion(t, entry, score_answer, cfg.partial_credit, cfg.check_work)
+             for t in texts]
+    return add_rewards(parts, lengths, cfg, pass_rate)
 
 
-def add_rewards(parts: list[dict], lengths: list[int], w,
+def add_rewards(parts: list[dict], lengths: list[int], cfg,
                 pass_rate: float | None = None) -> list[dict]:
     """The group-dependent terms and the total reward of each part, from its "correctness" and
     "correct"."""
     correct = [p["correct"] for p in parts]
-    length = length_rewards(lengths, correct) if w.w_length else [0.0] * len(parts)
+    length = length_rewards(lengths, correct) if cfg.w_length else [0.0] * len(parts)
     pass_rate = sum(correct) / len(correct) if pass_rate is None else pass_rate
     for p, lam, n in zip(parts, length, lengths):
-        p["length_reward"], p["overlong"] = lam, overlong_penalty(n, w.max_new_tokens,
-                                                                  w.overlong_buffer)
+        p["length_reward"] = lam
+        p["overlong"] = overlong_penalty(n, cfg.max_new_tokens, cfg.overlong_buffer)
         p["difficulty_bonus"] = (1 - pass_rate) * p["correct"]
-        p["reward"] = total_reward(p["correctness"], p["format"], lam, w.w_correct, w.w_format,
-                                   w.w_length, p["overlong"], w.w_overlong, p["difficulty_bonus"],
-                                   w.w_difficulty)
+        p["reward"] = total_reward(
+            p["correctness"], p["format"], length=lam, w_correct=cfg.w_correct,
+            w_format=cfg.w_format, w_length=cfg.w_length, overlong=p["overlong"],
+            w_overlong=cfg.w_overlong, difficulty=p["difficulty_bonus"],
+            w_difficulty=cfg.w_difficulty)
     return parts
 
 
@@ -196,8 +198,8 @@ def random_correctness(groups: list[list[dict]], coins: list[float]) -> None:
 # "e = 56 / 8 = 7", "13 + 45 - 7 = 51"), within one line. A match may not start inside a number or a
 # word.
 _NUMBER = r"-?\d+(?:\.\d+)?"
-_WORK_RE = re.compile(rf"(?<![\w.])({_NUMBER}(?:[ \t]*[-+*/][ \t]*{_NUMBER})+)[ \t]*=[ "
-                      rf"\t]*({_NUMBER})(?![\w.])")
+_WORK_RE = re.compile(rf"(?<![\w.])({_NUMBER}(?:[ \t]*[-+*/][ \t]*{_NUMBER})+)"  # a op b ...
+                      rf"[ \t]*=[ \t]*({_NUMBER})(?![\w.])")  # = c
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
         ast.Div: operator.truediv}
 

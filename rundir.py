@@ -186,8 +186,9 @@ class Run:
         if self.write:
             os.makedirs(self.out_dir, exist_ok=True)
             with writing(self.ckpt_path):
-                save_checkpoint(self.ckpt_path, weights, optimizer, cfg, step, questions.index,
-                                generator, pool, eval_start)
+                save_checkpoint(self.ckpt_path, weights, optimizer, cfg, step=step,
+                                data_index=questions.index, generator=generator, pool=pool,
+                                eval_start=eval_start)
 
 
 def tracker(name: str, out_dir: str, config: dict):

@@ -19,10 +19,10 @@ import torch.nn as nn
 
 import flags
 import grpo
-import model as M
-import reward as R
+from model import to_hf
+import reward
 import rundir
-import tasks as T
+import tasks
 import weights
 from flags import opt
 
@@ -92,16 +92,16 @@ def main(args: SampleConfig):
             flags.fail(f"--export {args.export} is a file: give a folder")
         export_peft_adapter(model, cfg, cfg.model, os.path.join(args.export, "adapter"))
         merge_lora(model)
-        M.to_hf(model).save_pretrained(args.export)
+        to_hf(model).save_pretrained(args.export)
         tok.save_pretrained(args.export)
         print(f"merged model in {args.export}, adapter in {os.path.join(args.export, 'adapter')}")
         return
     if args.prompt:
         entries, score = [{"question": args.prompt, "answer": None}], None
     else:
-        task, entries = T.held_out(args.task or cfg.task, args.n)
+        task, entries = tasks.held_out(args.task or cfg.task, args.n)
         score = task.score_answer
-    prompts = [R.encode_prompt(tok, e["question"]) for e in entries]
+    prompts = [reward.encode_prompt(tok, e["question"]) for e in entries]
     generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(0)
     completions, _ = grpo.generate(model, prompts, 1, args.max_new_tokens, args.temperature,
                                    top_p=1.0, eos_id=tok.eos_token_id, generator=generator)
@@ -109,12 +109,12 @@ def main(args: SampleConfig):
         text = tok.decode(c, skip_special_tokens=True)
         print("=" * 100 + f"\n{e['question']}\n" + "-" * 100 + f"\n{text}\n" + "-" * 100)
         if score:
-            s = R.score_completion(text, e, score)
+            s = reward.score_completion(text, e, score)
             print(f"reference {e['answer']!r} | answer {s['answer']!r} | score {s['score']:.2f} | "
                   f"format {s['format']:.0f} | {len(c)} tokens")
         else:
-            print(f"answer {R.extract_answer(text)!r} | format {R.format_reward(text):.0f} | "
-                  f"{len(c)} tokens")
+            print(f"answer {reward.extract_answer(text)!r} | "
+                  f"format {reward.format_reward(text):.0f} | {len(c)} tokens")
 
 
 if __name__ == "__main__":

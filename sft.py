@@ -37,9 +37,9 @@ from tqdm import tqdm
 import flags
 import grpo
 import report
-import reward as R
+import reward
 import rundir
-import tasks as T
+import tasks
 import weights
 from flags import fail, opt
 from packed import frozen_linears, keep_freed_memory
@@ -215,7 +215,7 @@ def self_examples(model, tok, entries: list[dict], cfg: SFTConfig, score_fn) -> 
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     for i in tqdm(range(0, len(entries), 8), desc="self-teacher", dynamic_ncols=True):
         chunk = entries[i:i + 8]
-        prompts = [R.encode_prompt(tok, TEACHER_PROMPT.format(question=e["question"],
+        prompts = [reward.encode_prompt(tok, TEACHER_PROMPT.format(question=e["question"],
                                                               answer=e["answer"]))
                    for e in chunk]
         completions, _ = grpo.generate(model, prompts, cfg.self_samples, max_new_tokens=200,
@@ -224,7 +224,7 @@ def self_examples(model, tok, entries: list[dict], cfg: SFTConfig, score_fn) -> 
         for j, e in enumerate(chunk):
             for c in completions[j * cfg.self_samples:(j + 1) * cfg.self_samples]:
                 text = tok.decode(c, skip_special_tokens=True).strip()
-                s = R.score_completion(text, e, score_fn)
+                s = reward.score_completion(text, e, score_fn)
                 if s["format"] and s["correct"]:
                     kept.append(example(e, text))
                     break
@@ -265,7 +265,7 @@ def teacher_examples(entries: list[dict], cfg: SFTConfig, cache_path: str) -> li
 
     def ask(entry):
         body = {"model": cfg.teacher_model, "temperature": 0.7, "messages": [
-            {"role": "system", "content": R.SYSTEM_PROMPT},
+            {"role": "system", "content": reward.SYSTEM_PROMPT},
             {"role": "user", "content": TEACHER_PROMPT.format(question=entry["question"],
                                                               answer=entry["answer"])}]}
         reply = post_json(cfg.teacher.rstrip("/") + "/chat/completions", body, headers)
@@ -306,9 +306,9 @@ def read_jsonl(path: str) -> list[dict]:
 def verified(examples: list[dict], score_fn) -> list[dict]:
     """Keep well-formed examples whose answer the verifier scores 1 (examples without a reference
     are kept)."""
-    keep = [ex for ex in examples if R.format_reward(ex["response"]) and
+    keep = [ex for ex in examples if reward.format_reward(ex["response"]) and
             (ex.get("answer") is None and not ex.get("metadata")
-             or R.score_completion(ex["response"], ex, score_fn)["correct"])]
+             or reward.score_completion(ex["response"], ex, score_fn)["correct"])]
     print(f"{len(keep)}/{len(examples)} examples are well-formed and verified")
     return keep
 
@@ -319,7 +319,7 @@ def verified(examples: list[dict], score_fn) -> list[dict]:
 
 def to_sample(tok, ex: dict) -> grpo.Sample:
     response = tok(ex["response"], add_special_tokens=False).input_ids + [tok.eos_token_id]
-    return grpo.Sample(prompt=R.encode_prompt(tok, ex["question"]), completion=response)
+    return grpo.Sample(prompt=reward.encode_prompt(tok, ex["question"]), completion=response)
 
 
 def sft_loss(model, samples: list[grpo.Sample], weights: torch.Tensor, pad_id: int,
@@ -375,8 +375,8 @@ def main(cfg: SFTConfig):
         fail("--teacher needs --teacher_model (the model name the endpoint serves)")
     # an unfinished one's teacher cache is reused
     rundir.claim(cfg.out_dir, False, cfg.overwrite, markers=("ckpt.pt",))
-    train_set = T.make_task(cfg.task, 10**8, cfg.seed)
-    eval_set, eval_entries = T.held_out(cfg.task, cfg.eval_size)
+    train_set = tasks.make_task(cfg.task, 10**8, cfg.seed)
+    eval_set, eval_entries = tasks.held_out(cfg.task, cfg.eval_size)
     held_out = {e["question"] for e in eval_entries}
     model, tok = weights.load(cfg.model, device, dtype, why)
     if device == "cpu":
@@ -419,13 +419,13 @@ def main(cfg: SFTConfig):
     train_s = time.time() - t0
     # saved before the eval: a crash there loses no training
     ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
-    rundir.save_checkpoint(ckpt, grpo.trainable_state_dict(model), optimizer, cfg, 0, 0,
-                           torch.Generator().manual_seed(cfg.seed))
+    rundir.save_checkpoint(ckpt, grpo.trainable_state_dict(model), optimizer, cfg, step=0,
+                           data_index=0, generator=torch.Generator().manual_seed(cfg.seed))
     after = {}
     if cfg.eval_after:
         after, rows = grpo.evaluate(model, tok, eval_entries, eval_set.score_answer,
-                                    cfg.max_new_tokens,
-                                    cfg.eval_samples, cfg.eval_temperature, cfg.eval_top_p)
+                                    cfg.max_new_tokens, k_sampled=cfg.eval_samples,
+                                    temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
         print("after SFT  " + report.eval_line(after))
         with open(os.path.join(cfg.out_dir, "samples.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows[:20])

@@ -112,3 +112,12 @@ def load(name: str, device: str, dtype: torch.dtype, why: str = ""):
     print(f"{line} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {device} "
           f"{str(dtype).removeprefix('torch.')}" + (f" ({why})" if why else ""), flush=True)
     return model, tok
+
+
+def check_context(model, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """The longest prompt and its completion must fit the model's context."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(p) for p in prompts)
+    if limit and longest + max_new_tokens > limit:
+        fail(f"a prompt of {longest} tokens + --max_new_tokens {max_new_tokens} exceeds the "
+             f"model's context of {limit} tokens: lower --max_new_tokens")

@@ -8,8 +8,8 @@ import torch
 import grpo
 import packed
 import weights
-from conftest import EOS, logits, on_policy, tiny_model
-from test_grpo import PROMPTS, SHARED_PREFIX, cfg_for, make_buffer
+from conftest import (EOS, PROMPTS, SHARED_PREFIX, cfg_for, logits, make_buffer, on_policy,
+                      tiny_model)
 
 TOL = 0.05  # largest bf16 error seen here 0.023; the nearest mistake 0.12
 

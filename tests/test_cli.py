@@ -2,7 +2,6 @@
 model."""
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 
@@ -12,14 +11,8 @@ import torch
 import flags
 import grpo
 import report
-import tasks as T
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "grpo.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+import tasks
+from conftest import ROOT, expect_usage_error, read_log, run_cli, small_config
 
 
 def test_help_lists_every_config_field_with_its_default():
@@ -29,16 +22,6 @@ def test_help_lists_every_config_field_with_its_default():
     assert "(default: 300)" in out
     assert "(default: syllogism:invalid_ratio=0.5)" in out
     assert "--config CONFIG" in out
-
-
-def expect_usage_error(args, tmp_path) -> str:
-    """Run grpo.py with bad input: a one-line error, exit code 2, no traceback, nothing written.
-    Returns stderr."""
-    r = run_cli(*args, "--out_dir", str(tmp_path / "out"))
-    assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "out").exists()  # nothing half-written
-    return r.stderr
 
 
 @pytest.mark.parametrize("args, message", [
@@ -57,25 +40,9 @@ def test_bad_input_is_a_one_line_error_with_exit_code_2(args, message, tmp_path)
 
 
 def test_task_settings_reach_reasoning_gym():
-    balanced = T.make_task("syllogism:invalid_ratio=0.5", 400, 0)
+    balanced = tasks.make_task("syllogism:invalid_ratio=0.5", 400, 0)
     assert balanced.config.invalid_ratio == 0.5
     assert 0.4 < sum(e["answer"] == "No" for e in balanced) / 400 < 0.6
-
-
-def small_config(model_dir, out_dir, **kw):
-    small = dict(model=model_dir, out_dir=str(out_dir), task="syllogism", max_new_tokens=8,
-                 exploration_batchsize=2,
-                 G=2, buffer_size=4, batch_size=2, gradient_accumulation_steps=2, eval_size=4,
-                 eval_interval=1, lora_r=4, lora_alpha=8.0,
-                 # auto would pick bf16 on some CPUs: the tests pin the dtype they check
-                 dtype="float32",
-                 # a random model never writes the tags: the tests train it all the same
-                 no_signal_steps=0)
-    return dataclasses.replace(grpo.Config(), **{**small, **kw})
-
-
-def read_log(out_dir):
-    return [json.loads(line) for line in open(out_dir / "log.jsonl")]
 
 
 def test_a_training_run_logs_every_step_checkpoints_and_resumes(tiny_model_dir, tmp_path):

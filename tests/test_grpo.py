@@ -11,15 +11,12 @@ import torch
 import torch.nn.functional as F
 
 import grpo
-import model as M
 import packed
-import report
 import rundir
-from conftest import EOS, hf_twin, logits, on_policy, padded_sequences, tiny_model
+import tasks
+from conftest import (EOS, ListTask, PROMPTS, SHARED_PREFIX, cfg_for, entry, hf_twin, logits,
+                      make_buffer, on_policy, padded_sequences, tiny_model)
 from flags import BadInput
-
-# different lengths: left padding matters
-PROMPTS = [[1, 5, 9, 17, 33], [1, 44], [1, 7, 7, 90, 12, 3, 60, 61]]
 
 
 def greedy_full_recompute(model, prompt, max_new_tokens):
@@ -132,10 +129,6 @@ def test_g_samples_share_the_prompt_cache_and_greedy_copies_agree(tiny):
     assert completions == [c for c in singles for _ in range(3)]
 
 
-# prefilled once: 4 tokens
-SHARED_PREFIX = [[1, 5, 9, 17, 33, 4], [1, 5, 9, 17, 44], [1, 5, 9, 17, 33, 4, 8, 90]]
-
-
 @pytest.mark.parametrize("prompts", [PROMPTS, SHARED_PREFIX], ids=["prompts", "shared_prefix"])
 def test_every_row_samples_from_the_full_model_s_logits_while_rows_leave_the_batch(any_tiny_model,
                                                                                    prompts,
@@ -159,24 +152,6 @@ def test_every_row_samples_from_the_full_model_s_logits_while_rows_leave_the_bat
             want = logits(model, torch.tensor([prompts[i // G] + c[:t]]))[0, -1]
             # one of step t's rows is row i
             assert (seen[t] - want).abs().max(-1).values.min() < 1e-10
-
-
-def test_a_sliding_window_shorter_than_the_context_is_refused_not_ignored():
-    with pytest.raises(BadInput, match="sliding attention window"):
-        tiny_model("qwen3", use_sliding_window=True, sliding_window=4, max_window_layers=0)
-
-
-def test_attention_kernel_and_plain_computation_agree():
-    torch.manual_seed(0)
-    q, k, v = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
-    bias = torch.zeros(2, 1, 1, 5)
-    bias[0, ..., :2] = float("-inf")  # left padding
-    o1, lse1 = M.attend(q, k, v, 0.3, bias, fused=True)
-    o2, lse2 = M.attend(q, k, v, 0.3, bias, fused=False)
-    assert torch.allclose(o1, o2, atol=1e-5) and torch.allclose(lse1, lse2, atol=1e-5)
-    assert torch.allclose(o1, F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3),
-                          atol=1e-5)
-    assert torch.allclose(lse1, ((q @ k.transpose(-1, -2)) * 0.3 + bias).logsumexp(-1), atol=1e-5)
 
 
 def test_sampling_is_reproducible_with_a_fixed_seed(tiny):
@@ -209,15 +184,6 @@ def test_top_p_widens_past_64_candidates_when_the_nucleus_is_wide():
     assert set(wide) <= allowed
     assert len(set(wide)) > 300
     assert set(narrow.tolist()) == {3, 7} and abs((narrow == 7).float().mean() - 0.4 / 0.75) < 0.05
-
-
-def make_buffer(model, G=4, max_new_tokens=12, seed=0):
-    """Sampled completions of the tiny model with fake advantages, as rollout() would store them."""
-    completions, _ = grpo.generate(model, PROMPTS, G, max_new_tokens, 1.0, 1.0, EOS,
-                                   torch.Generator().manual_seed(seed))
-    g = torch.Generator().manual_seed(seed)
-    return [grpo.Sample(PROMPTS[i // G], c, advantage=float(torch.randn(1, generator=g)))
-            for i, c in enumerate(completions)]
 
 
 def test_collate_runs_each_prompt_once_and_masks_exactly_the_completion():
@@ -270,10 +236,6 @@ def test_token_logprobs_gradient_equals_autograd_of_log_softmax():
     assert torch.allclose(ours, expected, atol=1e-12)
     assert torch.allclose(ours_grads[0], h.grad, atol=1e-12) and torch.allclose(ours_grads[1],
                                                                                 w.grad, atol=1e-12)
-
-
-def cfg_for(**kw):
-    return dataclasses.replace(grpo.Config(), max_new_tokens=12, **kw)
 
 
 def record_ppo_loss(monkeypatch) -> list:
@@ -588,61 +550,6 @@ def test_gradient_checkpointing_gives_the_same_gradient():
         assert torch.allclose(a, b, atol=1e-12)
 
 
-def test_rate_is_the_mean_with_the_standard_error_over_questions():
-    r = report.rate("acc", [1, 0, 1, 1])
-    # sample variance 0.25, n 4
-    assert r["acc"] == 0.75 and r["acc_se"] == pytest.approx((0.25 / 4) ** 0.5)
-    assert report.rate("acc", [1]) == {"acc": 1.0, "acc_se": 0.0}
-
-
-def test_paired_gain_counts_the_questions_that_changed_and_mcnemar_p():
-    before = [0] * 10 + [1] * 5 + [0] * 85
-    after = [1] * 10 + [1] * 5 + [0] * 85  # 10 questions turned right, none wrong
-    g = report.paired_gain(before, after)
-    assert g["eval_gain"] == pytest.approx(0.10) and (g["eval_gain_up"],
-                                                      g["eval_gain_down"]) == (10, 0)
-    # two-sided exact binomial, 10 of 10 one way
-    assert g["eval_gain_p"] == pytest.approx(2 / 2 ** 10)
-    variance = sum((d - 0.1) ** 2 for d in [1] * 10 + [0] * 90) / 99
-    assert g["eval_gain_se"] == pytest.approx((variance / 100) ** 0.5)
-    # as many turned wrong as right: no evidence at all
-    even = report.paired_gain([1, 0, 1, 0], [0, 1, 0, 1])
-    assert even["eval_gain"] == 0 and even["eval_gain_p"] == 1.0
-
-
-def train_row(step, **kw):
-    row = {"step": step, "reward_mean": 0.5, "entropy": 0.6, "completion_len_mean": 60.0,
-           "len_right_mean": 58.0, "partial_credit_share": 0.0}
-    return {**row, **kw}
-
-
-@pytest.mark.parametrize("key, what", [("completion_len_mean", "mean completion length"),
-                                       ("len_right_mean", "length of right answers")])
-def test_answers_a_third_shorter_within_five_steps_are_warned_about(key, what):
-    rows = [train_row(s) for s in range(1, 6)]
-    base = train_row(0)[key]
-    assert report.collapse_warnings(rows + [train_row(6, **{key: 0.5 * base})]).count("\n") == 1
-    assert what in report.collapse_warnings(rows + [train_row(6, **{key: 0.66 * base})])
-    assert report.collapse_warnings(rows + [train_row(6, **{key: 0.7 * base})]) == ""
-    slow = [train_row(1)] + [train_row(s, **{key: 0.8 * base}) for s in range(2, 8)]
-    # step 1 is too old
-    assert report.collapse_warnings(slow + [train_row(8, **{key: 0.6 * base})]) == ""
-
-
-def test_entropy_falling_is_no_warning_and_a_first_step_warns_of_nothing():
-    rows = [train_row(s) for s in range(1, 6)]
-    assert report.collapse_warnings(rows + [train_row(6,
-                                                      entropy=0.1 * train_row(0)["entropy"])]) == ""
-    assert report.collapse_warnings([train_row(1)]) == ""
-    assert report.collapse_warnings([train_row(1), train_row(2, len_right_mean=float("nan"))]) == ""
-    assert report.collapse_warnings([{"step": 0, "eval_accuracy": 0.3}]) == ""
-
-
-def test_most_correctness_from_partial_credit_is_warned_about():
-    assert "--partial_credit" in report.collapse_warnings([train_row(1, partial_credit_share=0.6)])
-    assert report.collapse_warnings([train_row(1, partial_credit_share=0.4)]) == ""
-
-
 def test_buffer_stats_split_lengths_by_verdict_and_count_partial_credit():
     def sample(correct, n, score, correctness):
         scores = {"reward": 0.0, "correct": correct, "format": 1.0, "length_reward": 0.0,
@@ -736,3 +643,58 @@ def test_the_faithful_rate_is_the_share_of_right_answers_whose_work_holds(monkey
                         {i: "<think>x</think><answer>8</answer>" for i in (3, 4, 5)})
     always = lambda answer, entry: 1.0
     assert "eval_faithful_rate" not in grpo.evaluate(model, WordTokenizer(), entries, always, 8)[0]
+
+
+def fake_rollout(pattern):
+    """A rollout whose groups' correctness follows `pattern` (a list of per-group lists),
+    cycling."""
+    groups = iter(pattern * 100)
+
+    def rollout(model, tok, entries, score_fn, cfg, generator, pass_rates=None):
+        out = []
+        for e in entries:
+            for ok in next(groups):
+                out.append(grpo.Sample([0], [1, 2], question=e["question"],
+                                       scores={"correct": ok, "reward": float(ok)}))
+        return out
+    return rollout
+
+
+def test_dynamic_sampling_keeps_no_zero_variance_group(monkeypatch):
+    monkeypatch.setattr(grpo, "rollout", fake_rollout([[1, 1], [0, 1], [0, 0], [1, 0]]))
+    cfg = dataclasses.replace(grpo.Config(), exploration_batchsize=2, G=2, buffer_size=8,
+                              dynamic_sampling=True)
+    task = ListTask(entry(i) for i in range(1000))
+    questions = tasks.Questions(task, set())
+    buffer, sampled, stats = grpo.fill_buffer(None, None, questions, None, cfg, None, "test")
+    groups = [buffer[i:i + 2] for i in range(0, len(buffer), 2)]
+    assert len(buffer) == 8 and all(len({s.scores["correct"] for s in g}) == 2 for g in groups)
+    assert stats["dropped_group_rate"] == 0.5 and len(sampled) == 16 and stats["rollouts"] == 4
+
+
+def test_dynamic_sampling_stops_at_its_bound(monkeypatch):
+    # every group is all right: nothing to keep
+    monkeypatch.setattr(grpo, "rollout", fake_rollout([[1, 1]]))
+    cfg = dataclasses.replace(grpo.Config(), exploration_batchsize=2, G=2, buffer_size=8,
+                              dynamic_sampling=True, dynamic_sampling_bound=3.0)
+    questions = tasks.Questions(ListTask(entry(i) for i in range(1000)), set())
+    buffer, sampled, stats = grpo.fill_buffer(None, None, questions, None, cfg, None, "test")
+    assert buffer == [] and stats["rollouts"] == 2 * 3 and stats["dropped_group_rate"] == 1.0
+
+
+def test_training_questions_skip_the_eval_questions(monkeypatch):
+    monkeypatch.setattr(grpo, "rollout", fake_rollout([[1, 0]]))
+    cfg = dataclasses.replace(grpo.Config(), exploration_batchsize=2, G=2, buffer_size=4)
+    task = ListTask(entry(i) for i in range(10))
+    questions = tasks.Questions(task, {"q0", "q2"})
+    buffer, _, _ = grpo.fill_buffer(None, None, questions, None, cfg, None, "test")
+    assert [s.question for s in buffer[::2]] == ["q1", "q3"] and questions.index == 4
+
+
+def test_the_last_rollout_draws_only_the_questions_the_buffer_still_needs(monkeypatch):
+    monkeypatch.setattr(grpo, "rollout", fake_rollout([[1, 0]]))
+    cfg = dataclasses.replace(grpo.Config(), exploration_batchsize=4, G=2, buffer_size=11)
+    questions = tasks.Questions(ListTask(entry(i) for i in range(100)), set())
+    buffer, sampled, stats = grpo.fill_buffer(None, None, questions, None, cfg, None, "test")
+    # 4 questions, then 2
+    assert len(buffer) == len(sampled) == 12 and questions.index == 6 and stats["rollouts"] == 2

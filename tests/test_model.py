@@ -2,9 +2,10 @@
 family it supports, and a clear refusal of the others."""
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import model as M
+from model import Prefill, attend, from_hf, own_tokens_mask
 from conftest import hf_twin, logits, tiny_model
 from flags import BadInput
 
@@ -52,9 +53,9 @@ def test_positions_shift_the_rotary_embedding_as_a_longer_sequence_would():
     model = tiny_model("llama")
     a, b = IDS[:1, :3], IDS[:1, 3:]
     whole = logits(model, torch.cat([a, b], 1))[:, 3:]
-    keys = M.Prefill(len(model.model.layers))
+    keys = Prefill(len(model.model.layers))
     model(a, attention=keys)
-    keys.mask = M.own_tokens_mask(torch.ones_like(b), n_before=3)
+    keys.mask = own_tokens_mask(torch.ones_like(b), n_before=3)
     part = model.lm_head(model(b, torch.arange(3, 10)[None], keys))
     assert torch.allclose(whole, part, atol=1e-12)
 
@@ -64,10 +65,28 @@ def test_an_unsupported_architecture_is_refused_with_one_line():
     with pytest.raises(BadInput,
                        match="model type 'gpt2' is not supported: model.py implements llama, "
                              "qwen2, qwen3"):
-        M.from_hf(gpt2)
+        from_hf(gpt2)
 
 
 def test_an_unknown_rope_scaling_is_refused():
     with pytest.raises(BadInput, match="rope scaling 'yarn'"):
         tiny_model("llama", rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
                                              "factor": 4.0})
+
+
+def test_a_sliding_window_shorter_than_the_context_is_refused_not_ignored():
+    with pytest.raises(BadInput, match="sliding attention window"):
+        tiny_model("qwen3", use_sliding_window=True, sliding_window=4, max_window_layers=0)
+
+
+def test_attention_kernel_and_plain_computation_agree():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
+    bias = torch.zeros(2, 1, 1, 5)
+    bias[0, ..., :2] = float("-inf")  # left padding
+    o1, lse1 = attend(q, k, v, 0.3, bias, fused=True)
+    o2, lse2 = attend(q, k, v, 0.3, bias, fused=False)
+    assert torch.allclose(o1, o2, atol=1e-5) and torch.allclose(lse1, lse2, atol=1e-5)
+    assert torch.allclose(o1, F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3),
+                          atol=1e-5)
+    assert torch.allclose(lse1, ((q @ k.transpose(-1, -2)) * 0.3 + bias).logsumexp(-1), atol=1e-5)

@@ -10,8 +10,8 @@ import torch
 
 import grpo
 import rundir
-import reward as R
-import model as M
+import reward
+from model import to_hf
 import weights
 from conftest import logits
 
@@ -27,17 +27,17 @@ def test_our_model_gives_the_logits_of_transformers_on_the_real_model(real_model
     model, tok = real_model
     hf = AutoModelForCausalLM.from_pretrained(weights.resolve("SmolLM-135M")[0],
                                               dtype=torch.float32)
-    ids = torch.tensor([R.encode_prompt(tok, q) for q in QUESTIONS[:1]])
+    ids = torch.tensor([reward.encode_prompt(tok, q) for q in QUESTIONS[:1]])
     with torch.no_grad():
         assert torch.allclose(logits(model, ids), hf(ids).logits, atol=1e-4)
 
 
 def test_greedy_sampler_matches_generate_on_the_real_model(real_model):
     model, tok = real_model
-    prompts = [R.encode_prompt(tok, q) for q in QUESTIONS]
+    prompts = [reward.encode_prompt(tok, q) for q in QUESTIONS]
     ours, truncated = grpo.generate(model, prompts, 1, 40, 0.0, 1.0, tok.eos_token_id)
     ids, mask = grpo.left_pad(prompts, tok.eos_token_id, "cpu")
-    out = M.to_hf(model).generate(input_ids=ids, attention_mask=mask, max_new_tokens=40,
+    out = to_hf(model).generate(input_ids=ids, attention_mask=mask, max_new_tokens=40,
                                   do_sample=False, eos_token_id=tok.eos_token_id,
                                   pad_token_id=tok.eos_token_id)[:, ids.shape[1]:].tolist()
     eos = tok.eos_token_id
@@ -48,7 +48,7 @@ def test_greedy_sampler_matches_generate_on_the_real_model(real_model):
 
 def test_greedy_sampler_matches_full_recompute_on_the_real_model(real_model):
     model, tok = real_model
-    prompt = R.encode_prompt(tok, QUESTIONS[2])
+    prompt = reward.encode_prompt(tok, QUESTIONS[2])
     (ours,), _ = grpo.generate(model, [prompt], 1, 24, 0.0, 1.0, tok.eos_token_id)
     seq = list(prompt)
     with torch.no_grad():

@@ -14,8 +14,7 @@ import torch
 
 import flags
 import grpo
-from conftest import EOS, tiny_model
-from test_cli import ROOT, expect_usage_error, small_config
+from conftest import EOS, ROOT, expect_usage_error, small_config, tiny_model
 
 TIMING = {"step_s", "sample_s", "tokens_per_s", "sample_tokens_per_s"}
 

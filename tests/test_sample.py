@@ -11,12 +11,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import grpo
-import reward as R
+import reward
 import rundir
 import sample
 import weights
-from conftest import logits
-from test_cli import ROOT
+from conftest import ROOT, logits
 
 
 @pytest.fixture
@@ -38,7 +37,7 @@ def trained_ckpt(tiny_model_dir, tmp_path):
 
 def test_merged_export_gives_the_logits_of_base_plus_adapter(trained_ckpt, tmp_path):
     model, tok, cfg = sample.load(trained_ckpt, dtype="float32")
-    ids = torch.tensor([R.encode_prompt(tok, "Is 7 prime?")])
+    ids = torch.tensor([reward.encode_prompt(tok, "Is 7 prime?")])
     with torch.no_grad():
         adapted = logits(model, ids)
         with grpo.lora_disabled(model):
@@ -72,11 +71,11 @@ def test_peft_loads_the_exported_adapter(trained_ckpt, tmp_path):
     # not a dependency of the project: checked where it is installed
     peft = pytest.importorskip("peft")
     model, tok, cfg = sample.load(trained_ckpt, dtype="float32")
-    ids = torch.tensor([R.encode_prompt(tok, "Is 7 prime?")])
+    ids = torch.tensor([reward.encode_prompt(tok, "Is 7 prime?")])
     with torch.no_grad():
         adapted = logits(model, ids)
     sample.export_peft_adapter(model, cfg, cfg.model, str(tmp_path / "adapter"))
     base = AutoModelForCausalLM.from_pretrained(cfg.model)
     with torch.no_grad():
-        logits = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter"))(ids).logits
-    assert torch.allclose(logits, adapted, atol=1e-4)
+        peft_logits = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter"))(ids).logits
+    assert torch.allclose(peft_logits, adapted, atol=1e-4)

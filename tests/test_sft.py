@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import grpo
-import reward as R
+import reward
 import sft
 from conftest import EOS, hf_twin, padded_sequences, tiny_model
 from flags import BadInput
@@ -37,7 +37,7 @@ def test_metadata_examples_are_well_formed_and_verified():
     ds = rg.create_dataset("syllogism", size=50, seed=3)
     for e in ds:
         response = sft.metadata_response(e)
-        s = R.score_completion(response, e, ds.score_answer)
+        s = reward.score_completion(response, e, ds.score_answer)
         assert s["format"] == 1.0 and s["correct"]
 
 
@@ -123,7 +123,7 @@ def test_worked_solutions_from_metadata_show_the_procedure_and_are_verified(task
     ds = rg.create_dataset(task, size=100, seed=3, **settings)
     for e in ds:
         response = sft.metadata_response(e)
-        s = R.score_completion(response, e, ds.score_answer)
+        s = reward.score_completion(response, e, ds.score_answer)
         assert s["format"] == 1.0 and s["correct"], response
         assert "working it out" not in response  # the procedure, not the one-sentence fallback
     think = sft.metadata_response(ds[0]).split("</think>")[0]

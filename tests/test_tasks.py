@@ -1,28 +1,19 @@
 """Specification of tasks.py and the sampling methods: curriculum, dynamic sampling, mixes, JSONL
 data."""
-import dataclasses
 import json
 import random
 
 import pytest
 
 import grpo
-import reward as R
-import tasks as T
+import reward
+import tasks
 from flags import BadInput
-from test_cli import read_log, small_config
-
-
-class ListTask(list):
-    score_answer = None  # the fake rollouts below score nothing
-
-
-def entry(i):
-    return {"question": f"q{i}", "answer": "Yes", "metadata": {"source_dataset": "toy"}}
+from conftest import entry, read_log, small_config
 
 
 def test_curriculum_favours_questions_that_are_sometimes_solved():
-    pool = T.Pool(size=3)
+    pool = tasks.Pool(size=3)
     counter = iter(range(100))
     pool.fill(lambda: entry(next(counter)))
     for rate in (1.0, 1.0, 0.0):
@@ -37,7 +28,7 @@ def test_curriculum_favours_questions_that_are_sometimes_solved():
 
 
 def test_curriculum_retires_questions_solved_on_their_last_visits_and_refills():
-    pool = T.Pool(size=3, retire_after=2)
+    pool = tasks.Pool(size=3, retire_after=2)
     counter = iter(range(100))
     pool.fill(lambda: entry(next(counter)))
     pool.record(0, 1.0)
@@ -50,77 +41,22 @@ def test_curriculum_retires_questions_solved_on_their_last_visits_and_refills():
     pool.fill(lambda: entry(next(counter)))
     assert [q["entry"]["question"] for q in pool.active] == ["q1", "q2", "q3"]
     state = pool.state_dict()
-    other = T.Pool(size=3)
+    other = tasks.Pool(size=3)
     other.load_state_dict(json.loads(json.dumps(state)))
     assert other.stats() == pool.stats()
 
 
-def fake_rollout(pattern):
-    """A rollout whose groups' correctness follows `pattern` (a list of per-group lists),
-    cycling."""
-    groups = iter(pattern * 100)
-
-    def rollout(model, tok, entries, score_fn, cfg, generator, pass_rates=None):
-        out = []
-        for e in entries:
-            for ok in next(groups):
-                out.append(grpo.Sample([0], [1, 2], question=e["question"],
-                                       scores={"correct": ok, "reward": float(ok)}))
-        return out
-    return rollout
-
-
-def test_dynamic_sampling_keeps_no_zero_variance_group(monkeypatch):
-    monkeypatch.setattr(grpo, "rollout", fake_rollout([[1, 1], [0, 1], [0, 0], [1, 0]]))
-    cfg = dataclasses.replace(grpo.Config(), exploration_batchsize=2, G=2, buffer_size=8,
-                              dynamic_sampling=True)
-    task = ListTask(entry(i) for i in range(1000))
-    buffer, sampled, stats = grpo.fill_buffer(None, None, T.Questions(task, set()), None, cfg, None,
-                                              "test")
-    groups = [buffer[i:i + 2] for i in range(0, len(buffer), 2)]
-    assert len(buffer) == 8 and all(len({s.scores["correct"] for s in g}) == 2 for g in groups)
-    assert stats["dropped_group_rate"] == 0.5 and len(sampled) == 16 and stats["rollouts"] == 4
-
-
-def test_dynamic_sampling_stops_at_its_bound(monkeypatch):
-    # every group is all right: nothing to keep
-    monkeypatch.setattr(grpo, "rollout", fake_rollout([[1, 1]]))
-    cfg = dataclasses.replace(grpo.Config(), exploration_batchsize=2, G=2, buffer_size=8,
-                              dynamic_sampling=True, dynamic_sampling_bound=3.0)
-    questions = T.Questions(ListTask(entry(i) for i in range(1000)), set())
-    buffer, sampled, stats = grpo.fill_buffer(None, None, questions, None, cfg, None, "test")
-    assert buffer == [] and stats["rollouts"] == 2 * 3 and stats["dropped_group_rate"] == 1.0
-
-
-def test_training_questions_skip_the_eval_questions(monkeypatch):
-    monkeypatch.setattr(grpo, "rollout", fake_rollout([[1, 0]]))
-    cfg = dataclasses.replace(grpo.Config(), exploration_batchsize=2, G=2, buffer_size=4)
-    task = ListTask(entry(i) for i in range(10))
-    questions = T.Questions(task, {"q0", "q2"})
-    buffer, _, _ = grpo.fill_buffer(None, None, questions, None, cfg, None, "test")
-    assert [s.question for s in buffer[::2]] == ["q1", "q3"] and questions.index == 4
-
-
-def test_the_last_rollout_draws_only_the_questions_the_buffer_still_needs(monkeypatch):
-    monkeypatch.setattr(grpo, "rollout", fake_rollout([[1, 0]]))
-    cfg = dataclasses.replace(grpo.Config(), exploration_batchsize=4, G=2, buffer_size=11)
-    questions = T.Questions(ListTask(entry(i) for i in range(100)), set())
-    buffer, sampled, stats = grpo.fill_buffer(None, None, questions, None, cfg, None, "test")
-    # 4 questions, then 2
-    assert len(buffer) == len(sampled) == 12 and questions.index == 6 and stats["rollouts"] == 2
-
-
 @pytest.mark.parametrize("length, penalty", [(10, 0.0), (250, 0.0), (275, -0.5), (300, -1.0)])
 def test_overlong_penalty_ramps_down_in_the_last_tokens(length, penalty):
-    assert R.overlong_penalty(length, 300, 50) == pytest.approx(penalty)
+    assert reward.overlong_penalty(length, 300, 50) == pytest.approx(penalty)
 
 
 def test_a_mix_of_tasks_scores_each_answer_with_its_own_verifier():
-    mix = T.make_task("syllogism@1,basic_arithmetic@1", 200, 0)
-    sources = {T.source(e) for e in mix}
+    mix = tasks.make_task("syllogism@1,basic_arithmetic@1", 200, 0)
+    sources = {tasks.source(e) for e in mix}
     assert sources == {"syllogism", "basic_arithmetic"}
-    arithmetic = next(e for e in mix if T.source(e) == "basic_arithmetic")
-    syllogism = next(e for e in mix if T.source(e) == "syllogism")
+    arithmetic = next(e for e in mix if tasks.source(e) == "basic_arithmetic")
+    syllogism = next(e for e in mix if tasks.source(e) == "syllogism")
     assert mix.score_answer(arithmetic["answer"], arithmetic) == 1.0
     assert mix.score_answer(syllogism["answer"], syllogism) == 1.0
     assert mix.score_answer(syllogism["answer"], arithmetic) == 0.0
@@ -130,10 +66,10 @@ def test_jsonl_task_reads_gsm8k_answers_and_compares_numbers(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text(json.dumps({"question": "2+2?", "answer": "Two plus two.\n#### 4"}) + "\n"
                     + json.dumps({"question": "Capital of France?", "answer": "Paris"}) + "\n")
-    task = T.make_task(str(path), 10**8, 0)
+    task = tasks.make_task(str(path), 10**8, 0)
     by_q = {e["question"]: e for e in task}
     four, paris = by_q["2+2?"], by_q["Capital of France?"]
-    assert four["answer"] == "4" and T.source(four) == "mine.jsonl"
+    assert four["answer"] == "4" and tasks.source(four) == "mine.jsonl"
     assert [task.score_answer(a, four) for a in ("4", "4.0", "1,0", "four")] == [1.0, 1.0, 0.0, 0.0]
     assert [task.score_answer(a, paris) for a in ("paris", " Paris ", "Lyon", None)] == [1.0, 1.0,
                                                                                          0.0, 0.0]
@@ -143,7 +79,7 @@ def test_a_bad_jsonl_line_gives_its_line_number(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"question": "a", "answer": "1"}\n{"question": "b"}\n')
     with pytest.raises(BadInput, match="bad.jsonl:2:"):
-        T.make_task(str(path), 10, 0)
+        tasks.make_task(str(path), 10, 0)
 
 
 def test_a_short_run_with_every_method_on_logs_its_metrics(tiny_model_dir, tmp_path):
@@ -165,11 +101,11 @@ def test_a_short_run_with_every_method_on_logs_its_metrics(tiny_model_dir, tmp_p
 
 def test_eval_questions_are_distinct_even_where_the_task_repeats_itself():
     # 10 x 10 x 2 sums
-    task = T.make_task("chain_sum:min_terms=2:max_terms=2:min_digits=1:max_digits=1", 2000, 10**9)
-    questions = [e["question"] for e in T.eval_entries(task, 150)]
+    sums = "chain_sum:min_terms=2:max_terms=2:min_digits=1:max_digits=1"
+    task = tasks.make_task(sums, 2000, 10**9)
+    questions = [e["question"] for e in tasks.eval_entries(task, 150)]
     assert len(questions) == len(set(questions)) == 150
     assert len({e["question"] for e in list(task)[:150]}) < 150  # the first 150 items do repeat
-    held_task, held = T.held_out("chain_sum:min_terms=2:max_terms=2:min_digits=1:max_digits=1", 150,
-                                 10**9)
+    held_task, held = tasks.held_out(sums, 150, 10**9)
     # what grpo.py, sft.py and sample.py evaluate on
     assert [e["question"] for e in held] == questions
