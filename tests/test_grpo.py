@@ -312,18 +312,29 @@ def test_training_through_packed_base_weights_gives_the_same_loss_and_gradient()
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-6), (a - b).abs().max()
 
 
+def naive_logprobs(model, s, temperature):
+    """The log-probs of a sample's completion tokens, its prompt + completion run whole."""
+    scaled = logits(model, torch.tensor([s.prompt + s.completion]))[0] / temperature
+    logp_all = scaled.log_softmax(-1)
+    return logp_all[len(s.prompt) - 1:-1].gather(-1, torch.tensor(s.completion)[:, None])[:, 0]
+
+
 def naive_loss(model, samples, cfg):
     """The unoptimized reference: each prompt + completion run whole through the model on its own
-    (no cache, no padding), full log-softmax, plain averages."""
+    (no cache, no padding), full log-softmax, plain averages; with beta, the k3 KL to the model
+    with LoRA off."""
     per_seq = []
     for s in samples:
-        p = len(s.prompt)
-        scaled = logits(model, torch.tensor([s.prompt + s.completion]))[0] / cfg.temperature
-        logp_all = scaled.log_softmax(-1)
-        logp = logp_all[p - 1:-1].gather(-1, torch.tensor(s.completion)[:, None])[:, 0]
+        logp = naive_logprobs(model, s, cfg.temperature)
         ratio = torch.exp(logp - s.old_logp)
         A = s.advantage
-        per_seq.append(-torch.min(ratio * A, ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high) * A))
+        loss = -torch.min(ratio * A, ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high) * A)
+        if cfg.beta:
+            with torch.no_grad(), grpo.lora_disabled(model):
+                ref = naive_logprobs(model, s, cfg.temperature)
+            d = ref - logp
+            loss = loss + cfg.beta * (torch.exp(d) - d - 1)
+        per_seq.append(loss)
     if cfg.loss_agg == "seq":
         return torch.stack([t.mean() for t in per_seq]).mean()
     if cfg.loss_agg == "token":
@@ -375,6 +386,36 @@ def test_grad_accumulation_matches_big_batch_and_the_naive_loss(loss_agg):
     for a, p in zip(big, params):
         assert torch.allclose(a, p.grad, atol=1e-12), (a - p.grad).abs().max()
     assert any(g.abs().sum() > 0 for g in big)
+
+
+def test_the_kl_term_takes_the_model_with_lora_off_as_reference_and_matches_the_naive_loss():
+    """beta > 0: every sample runs (zero advantages too), its reference log-probs come from the
+    pre-pass with LoRA off, and the gradient is that of the naive loss with its k3 KL term."""
+    model = tiny_model("llama")
+    grpo.apply_lora(model, 4, 8.0, "q_proj,v_proj,down_proj")
+    for p in model.parameters():  # an adapter away from zero: policy and reference differ
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    buffer = make_buffer(model)
+    for s in buffer[4:8]:  # advantage 0: still pulled towards the reference
+        s.advantage = 0.0
+    cfg = cfg_for(beta=0.5, gradient_accumulation_steps=2, batch_size=4)
+    minibatches = [buffer[i:i + 4] for i in range(0, len(buffer), 4)]
+    grpo.record_old_logprobs(model, minibatches, cfg, EOS, "cpu")
+    with torch.no_grad(), grpo.lora_disabled(model):
+        for s in buffer:
+            assert torch.allclose(s.ref_logp, naive_logprobs(model, s, cfg.temperature),
+                                  atol=1e-10)
+    assert [s.old_logp is None for s in buffer] == [True] * 8 + [False] * 4  # first step's own
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    grpo.accumulate_gradients(model, minibatches[:2], cfg, EOS, "cpu")
+    ours = [p.grad.clone() for p in params]
+    model.zero_grad()
+    naive_loss(model, buffer[:8], cfg).backward()
+    for a, p in zip(ours, params):
+        assert torch.allclose(a, p.grad, atol=1e-12), (a - p.grad).abs().max()
+    assert any(g.abs().sum() > 0 for g in ours)
 
 
 def test_identical_rewards_give_zero_advantage():
