@@ -601,8 +601,8 @@ def accumulate_gradients(model, step_batches: list[list[Sample]], cfg: Config, p
     old log-probs are this pass's own, detached, and are kept for later epochs. Returns the step's
     loss, each minibatch's clipped-token fraction and the entropy at every token it ran."""
     step_samples = [s for mb in step_batches for s in mb]
-    weights = token_weights(step_samples, cfg.loss_agg, cfg.max_new_tokens)
-    weighted = list(zip(step_samples, weights))
+    weighted = list(zip(step_samples, token_weights(step_samples, cfg.loss_agg,
+                                                    cfg.max_new_tokens)))
     total, clip_fracs, entropies, start = 0.0, [], [], 0
     for mb in step_batches:
         kept = [(s, w) for s, w in weighted[start:start + len(mb)] if has_gradient(s, cfg.beta)]

@@ -262,7 +262,9 @@ def attend(q, k, v, scale: float, bias=None, fused: bool | None = None):
     """softmax(q k^T * scale + bias) v, and the log-sum-exp of each query's scores (what merging two
     parts of one attention needs). On CPU: the flash-attention kernel behind
     F.scaled_dot_product_attention, which returns both."""
-    if q.device.type == "cpu" if fused is None else fused:
+    if fused is None:
+        fused = q.device.type == "cpu"
+    if fused:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias,
                                                                           scale=scale)
     # scores and softmax in fp32 at least, as SDPA keeps them

@@ -288,7 +288,8 @@ def restore(ckpt: dict, optimizer, questions, pool, generator, rank: int) -> tup
         pool.load_state_dict(ckpt["pool"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     random.setstate(ckpt["rng"]["python"])
-    # the checkpoint holds the first process's sampling state; the others start afresh
+    # the checkpoint holds the first process's sampling state; the others start afresh, on a seed
+    # of their own for each step resumed at (1000 apart: never another rank's or another step's)
     if rank == 0:
         generator.set_state(ckpt["rng"]["generator"])
     else:

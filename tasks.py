@@ -201,10 +201,13 @@ class Questions:
 # GRPO groups.
 
 class Pool:
-    """`size` active questions drawn from a task. Each rollout draws questions with weight p (1 - p)
-    + 0.05, p being the question's recent pass rate (0.5 for an unseen one), so questions that are
-    sometimes solved come up most. A question every sample solved on each of its last `retire_after`
-    visits is retired and replaced."""
+    """`size` active questions drawn from a task. Each rollout draws questions with weight
+    p (1 - p) + FLOOR, p being the question's recent pass rate (0.5 for an unseen one), so questions
+    that are sometimes solved come up most. A question every sample solved on each of its last
+    `retire_after` visits is retired and replaced."""
+
+    FLOOR = 0.05  # a question solved always or never still comes up now and then: rates change
+    RECENT = 4  # the pass rate is that of the question's last 4 visits
 
     def __init__(self, size: int, retire_after: int = 2):
         self.size, self.retire_after = size, retire_after
@@ -216,8 +219,9 @@ class Pool:
             self.active.append({"entry": next_entry(), "history": []})
 
     def weight(self, q) -> float:
-        p = sum(q["history"][-4:]) / len(q["history"][-4:]) if q["history"] else 0.5
-        return p * (1 - p) + 0.05
+        recent = q["history"][-self.RECENT:]
+        p = sum(recent) / len(recent) if recent else 0.5
+        return p * (1 - p) + self.FLOOR
 
     def draw(self, n: int, rng: random.Random) -> list[int]:
         """Indices of n distinct active questions."""
