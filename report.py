@@ -102,8 +102,8 @@ def eval_line(m: dict) -> str:
             f"answering the most common answer: {m['eval_majority_rate']:.3f})")
     if "eval_mean_at_k" in m:
         k = m["eval_samples"]
-        line += (f" | mean@{k} {m['eval_mean_at_k']:.3f} ± {m['eval_mean_at_k_se']:.3f} | pass@{k} "
-                 f"{m['eval_pass_at_k']:.3f} ± {m['eval_pass_at_k_se']:.3f} | mixed "
+        line += (f" | mean@{k} {m['eval_mean_at_k']:.3f} ± {m['eval_mean_at_k_se']:.3f} | "
+                 f"pass@{k} {m['eval_pass_at_k']:.3f} ± {m['eval_pass_at_k_se']:.3f} | mixed "
                  f"{m['eval_mixed_rate']:.2f}")
     line += f" | format {m['eval_format_rate']:.3f} | len {m['eval_len_mean']:.0f}"
     if "eval_faithful_rate" in m:
@@ -163,8 +163,9 @@ def step_line(row: dict, max_steps: int, max_new_tokens: int) -> str:
     """The step's one line, and a line for each silent failure: no well-formed completion, most of
     them cut off."""
     line = (f"step {row['step']}/{max_steps} | reward "
-            f"{row['reward_mean']:.2f}±{row['reward_std']:.2f} | correct {row['correct_rate']:.2f} "
-            f"| format {row['format_rate']:.2f} | len {row['completion_len_mean']:.0f} (right "
+            f"{row['reward_mean']:.2f}±{row['reward_std']:.2f} | "
+            f"correct {row['correct_rate']:.2f} | format {row['format_rate']:.2f} | "
+            f"len {row['completion_len_mean']:.0f} (right "
             f"{row['len_right_mean']:.0f}, wrong {row['len_wrong_mean']:.0f}) | entropy "
             f"{row['entropy']:.3f} | clip {row['clip_frac']:.2f} | loss {row['loss']:.4f} | "
             f"{row['step_s']:.1f}s")
@@ -253,6 +254,7 @@ if __name__ == "__main__":
     m = {**rate("eval_accuracy", [after[q] for q in questions]),
          **paired_gain([before[q] for q in questions], [after[q] for q in questions])}
     print(f"{len(questions)} questions: {rate('a', [before[q] for q in questions])['a']:.3f} -> "
-          f"{m['eval_accuracy']:.3f} ± {m['eval_accuracy_se']:.3f}, {100 * m['eval_gain']:+.1f} ± "
-          f"{100 * m['eval_gain_se']:.1f} points (paired, {m['eval_gain_up']} right now / "
+          f"{m['eval_accuracy']:.3f} ± {m['eval_accuracy_se']:.3f}, "
+          f"{100 * m['eval_gain']:+.1f} ± {100 * m['eval_gain_se']:.1f} points (paired, "
+          f"{m['eval_gain_up']} right now / "
           f"{m['eval_gain_down']} wrong now; McNemar p {m['eval_gain_p']:.2g})")
