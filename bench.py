@@ -35,7 +35,7 @@ import reward
 import tasks
 import weights
 from flags import opt
-from packed import frozen_linears, keep_freed_memory
+from packed import frozen_linears
 
 
 def timed(fn, device):
@@ -75,8 +75,6 @@ def measure(args: BenchConfig, device: str, dtype: torch.dtype, why: str) -> dic
                               exploration_batchsize=8, buffer_size=48,  # 8 x 6: one optimizer step
                               batch_size=16, gradient_accumulation_steps=3)
     model, tok = weights.load(cfg.model, device, dtype, why)
-    if device == "cpu":
-        keep_freed_memory()  # as grpo.py does
     n_params = sum(p.numel() for p in model.parameters())
     task = tasks.make_task(cfg.task, 10**6, 0)
     entries = [task[i] for i in range(cfg.exploration_batchsize)]

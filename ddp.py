@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from flags import fail
+
 
 def init(device: str) -> str:
     """Join the process group when started by torchrun (gloo on CPU, nccl on GPU); returns this
@@ -39,6 +41,17 @@ def rank_world() -> tuple[int, int]:
 def world_size() -> int:
     """The number of processes, known before the group is joined."""
     return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def check_split(cfg) -> None:
+    """grpo.py's flags that must divide among the processes, and what runs in one process only."""
+    world = world_size()
+    if world > 1 and (cfg.dynamic_sampling or cfg.pool_size):
+        fail("--dynamic_sampling and --pool_size run in one process for now (not under torchrun)")
+    for name in ("exploration_batchsize", "batch_size"):
+        if getattr(cfg, name) % world:
+            fail(f"--{name} {getattr(cfg, name)} does not divide among {world} processes: use a "
+                 f"multiple of {world}")
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:

@@ -9,33 +9,27 @@ learning from verifiable rewards. One file, read top to bottom; the model is mod
 The model is asked to write `<think> ... </think> <answer> ... </answer>`; reward.py scores the
 answer with reasoning-gym's verifier. One training step:
 
-1. Rollout, until the buffer holds `buffer_size` samples: take `exploration_batchsize` questions and
-   sample `G` completions of each (the group; our KV-cache sampler: temperature, exact top-p, stop
-   at EOS). Score each: r = w_correct * correctness + w_format * format (+ the optional terms of
-   reward.total_reward); correctness is 1 for the task's full marks and 0 otherwise
-   (reasoning-gym's partial credit only with --partial_credit).
+1. Rollout, until the buffer holds `buffer_size` samples: `G` completions (the group) of each of
+   `exploration_batchsize` questions, from our KV-cache sampler. Reward r = w_correct * correctness
+   + w_format * format (+ reward.total_reward's optional terms); correctness is 1 for the task's
+   full marks, else 0 (reasoning-gym's partial credit only with --partial_credit).
 2. Advantages, per group: A_i = (r_i - mean(r)) / (std(r) + eps); `--scale_rewards none` keeps only
    the centering (Dr. GRPO). A group of equal rewards gets A = 0.
-3. Update: `ppo_epochs` passes over the buffer in minibatches of `batch_size` (questions in random
-   order, a question's samples together), an AdamW step every `gradient_accumulation_steps`
-   minibatches (its learning rate ramped up over the first `warmup_steps`: AdamW's first steps are
-   full-size whatever the gradient). Per completion token, with ratio = exp(logp - old_logp):
+3. Update: `ppo_epochs` passes over the buffer in minibatches of `batch_size` (a question's samples
+   together), an AdamW step every `gradient_accumulation_steps` minibatches, its learning rate
+   ramped up over the first `warmup_steps`. Per completion token, with ratio = exp(logp - old_logp):
        loss_t = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)  (+ beta * KL_k3)
-   `--loss_agg` says how the token losses add up: `seq` (mean per sequence, then over sequences:
-   DeepSeek), `token` (sum / number of tokens: DAPO), `dr_grpo` (sum / (sequences x
-   max_new_tokens)). The divisor is that of the whole optimizer step, so k accumulated
-   minibatches give exactly the big batch's gradient.
+   `--loss_agg`: `seq` (mean per sequence, then over sequences: DeepSeek), `token` (sum / number of
+   tokens: DAPO), `dr_grpo` (sum / (sequences x max_new_tokens)). The divisor is the whole optimizer
+   step's, so k accumulated minibatches give exactly the big batch's gradient.
 4. Log a line; every `eval_interval` steps, held-out accuracy (greedy; --eval_samples K: mean@K,
    pass@K); save.
 
-Choices worth knowing: old log-probs come from the training forward pass (same code, same
-minibatches), so on the first optimizer step the ratio is exactly 1; the KL's reference is the
-model with LoRA switched off; the buffer stores sequences unpadded, each minibatch padded to its
-own longest; a prompt runs once for all its completions (in the sampler too, where the prefix all
-prompts share is prefilled once); zero-advantage samples (without KL) have no gradient and are not
-run; log-probs are computed only at completion positions, in chunks; on CPU, fixed weights are
-multiplied in oneDNN's packed layout (packed.py). A run with nothing to learn from stops:
---no_signal_steps.
+Choices worth knowing: old log-probs come from the training forward pass itself, so on the first
+optimizer step the ratio is exactly 1; the KL's reference is the model with LoRA off; the buffer is
+unpadded, each minibatch padded to its own longest; a prompt runs once for all its completions;
+zero-advantage samples (without KL) are not run; on CPU, fixed weights are multiplied in oneDNN's
+packed layout (packed.py). A run with nothing to learn from stops: --no_signal_steps.
 """
 import contextlib
 import math
@@ -56,9 +50,7 @@ import tasks
 import weights
 from flags import fail, opt
 from model import DecodeCache, Prefill, PromptsThenCompletions, own_tokens_mask, upcast
-from packed import frozen_linears, keep_freed_memory
-
-TRAIN_QUESTIONS = 10**8  # reasoning-gym makes question i of a seed on demand: a stream, not a file
+from packed import frozen_linears
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,19 +124,6 @@ class Config:
     init_from: str = opt("", "start from this checkpoint's weights (an sft.py or grpo.py ckpt.pt)")
 
 
-def check_config(cfg: Config) -> None:
-    """What the flags' own ranges cannot say: combinations, and the number of processes."""
-    world = ddp.world_size()
-    if world > 1 and (cfg.dynamic_sampling or cfg.pool_size):
-        fail("--dynamic_sampling and --pool_size run in one process for now (not under torchrun)")
-    for name in ("exploration_batchsize", "batch_size"):
-        if getattr(cfg, name) % world:
-            fail(f"--{name} {getattr(cfg, name)} does not divide among {world} processes: use a "
-                 f"multiple of {world}")
-    if cfg.resume and cfg.init_from:
-        fail("--resume continues out_dir's own run; --init_from starts a new one: pass one of them")
-
-
 # --------------------------------------------------------------------------------------------------
 # LoRA: y = W x + (alpha / r) * B A x, with B = 0 at the start so the model starts exactly as the
 # base model. A and B are kept in fp32 at least (in a bf16 model an AdamW step of 5e-5 would round
@@ -212,16 +191,12 @@ def lora_disabled(model: nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Sampler. 1) The prefix all prompts share (system prompt, chat template) runs once, as one row.
-# 2) Each prompt's own tokens run left-padded, after that prefix. 3) Decoding: each layer keeps
-# the prompts' keys/values once (B rows) and the completions' (B*G rows) in a preallocated buffer
-# written in place; attention reads a prompt's keys once for all its G samples and merges that
-# with each sample's own part.
+# Sampler. While decoding, each layer keeps the prompts' keys/values once (B rows) and the
+# completions' (B*G rows) in a preallocated buffer written in place (model.DecodeCache).
 
 def sample_next(logits, temperature, top_p, generator):
-    """Next token ids (N,) from logits (N, V): greedy when temperature == 0, else exact top-p
-    sampling. Overwrites the logits (fp32 or wider) with unnormalized probabilities: a new (N, V)
-    tensor per step costs more than the arithmetic (fresh memory is faulted in page by page)."""
+    """Next token ids (N,) from logits (N, V): greedy at temperature 0, else exact top-p. Overwrites
+    the logits with unnormalized probabilities: a fresh (N, V) tensor costs more than the math."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = upcast(logits)
@@ -233,8 +208,7 @@ def sample_next(logits, temperature, top_p, generator):
 
 def sample_nucleus(w, z, top_p: float, generator, k: int = 64):
     """Top-p from weights w (N, V) summing to z (N, 1). The nucleus almost always lies within the
-    top 64 tokens: sort only those. The rare rows whose nucleus is wider are drawn again from 8x as
-    many candidates (only those rows), until it fits."""
+    top 64 tokens: sort only those; the rare wider rows are drawn again from 8x as many."""
     p, idx = w.topk(min(k, w.shape[-1]), dim=-1)  # (N, k), sorted descending
     p = p / z
     cum = p.cumsum(-1)
@@ -266,9 +240,8 @@ def common_prefix(prompts: list[list[int]]) -> int:
 def generate(model, prompts: list[list[int]], G: int, max_new_tokens: int, temperature: float,
              top_p: float, eos_id: int, generator=None,
              stop_at_eos: bool = True) -> tuple[list[list[int]], list[bool]]:
-    """Sample G completions of each prompt. Returns completions in order (prompt 0's G samples,
-    prompt 1's, ...), each ending with EOS unless it was cut at max_new_tokens (then truncated is
-    True). stop_at_eos=False samples exactly max_new_tokens for every row (for benchmarks)."""
+    """G completions of each prompt, in order (prompt 0's G, prompt 1's, ...), each ending with EOS
+    unless cut at max_new_tokens (truncated). stop_at_eos=False: max_new_tokens each (for bench)."""
     device = model.lm_head.weight.device
     with frozen_linears(model, rows=len(prompts) * G):
         # 1) the prefix all prompts share (system prompt, chat template): once, as one row
@@ -317,11 +290,9 @@ def generate(model, prompts: list[list[int]], G: int, max_new_tokens: int, tempe
 # Log-probs of completion tokens, through the same forward pass that training differentiates
 
 def collate(samples: list["Sample"], pad_id: int, device):
-    """A minibatch as completion_logprobs runs it: each distinct prompt once (the samples of one
-    question share it), right-padded: prompt ids and mask (U, P); `prompt_row` (N,): each sample's
-    prompt row; completion ids and mask (N, C), right-padded; the completion tokens in order (T,).
-    Masks come from lengths, never from token values (pad == eos for many models, and EOS is
-    trained on)."""
+    """A minibatch as completion_logprobs runs it, right-padded: each distinct prompt once, ids and
+    mask (U, P); each sample's prompt row (N,); completion ids and mask (N, C); completion tokens
+    in order (T,). Masks come from lengths, never from token values (pad == eos for many models)."""
     prompts = list(dict.fromkeys(tuple(s.prompt) for s in samples))
     row_of = {p: i for i, p in enumerate(prompts)}
     prompt_row = torch.tensor([row_of[tuple(s.prompt)] for s in samples])
@@ -338,12 +309,10 @@ def collate(samples: list["Sample"], pad_id: int, device):
 
 
 class TokenLogprobs(torch.autograd.Function):
-    """log softmax(h W^T / T)[target] for a chunk of positions, with the gradient written out by
-    hand: d logp / d logits = onehot(target) - softmax(logits). The (chunk x V) logits are
-    recomputed in backward rather than stored. In fp32 at least: a bf16 logit of 20 is rounded to
-    1/8, which would make every ratio of the loss jitter by several percent. Also returns the
-    entropy of each position's distribution (no gradient), logged to show how fast the policy
-    sharpens."""
+    """log softmax(h W^T / T)[target] for a chunk of positions, the gradient written out by hand:
+    d logp / d logits = onehot(target) - softmax(logits), the (chunk x V) logits recomputed rather
+    than stored. In fp32 at least: a bf16 logit of 20 is rounded to 1/8, which would make every
+    ratio jitter by several percent. Also the entropy at each position (no gradient), logged."""
 
     @staticmethod
     def forward(ctx, h, w, targets, temperature):
@@ -374,13 +343,11 @@ class TokenLogprobs(torch.autograd.Function):
 
 def completion_logprobs(model, batch, temperature: float, grad_checkpoint: bool = False,
                         chunk: int = 1024):
-    """Log-prob (T,) of each completion token under the model at `temperature`, and the entropy (T,)
-    of the model's distribution at each of those positions (no gradient). Each distinct prompt runs
-    once, then every completion runs on top of its prompt (grad_checkpoint: its blocks are
-    recomputed in backward; the prompts, a small part of the activations, are not). Hidden states
-    are kept only where a completion token is predicted; the vocabulary projection runs in chunks
-    of `chunk` positions (SmolLM2: 1024 x 49k fp32 logits, 200 MB) and, when training, is recomputed
-    in backward (TokenLogprobs), so memory holds at most one chunk of logits."""
+    """Log-prob (T,) of each completion token at `temperature`, and the entropy (T,) at each (no
+    gradient). Each distinct prompt runs once, then every completion on top of its prompt
+    (grad_checkpoint: the completions' blocks are recomputed in backward). The vocabulary projection
+    runs only where a completion token is predicted, in chunks of `chunk` positions (SmolLM2: 1024 x
+    49k fp32 logits, 200 MB), recomputed in backward: memory holds at most one chunk of logits."""
     prompt_ids, prompt_mask, prompt_row, ids, mask, targets = batch
     attention = PromptsThenCompletions(len(model.model.layers), prompt_mask, prompt_row, mask)
     h_prompt = model(prompt_ids, None, attention.prompts)  # (U, P, d), positions 0..P-1
@@ -421,9 +388,8 @@ class Sample:
 
 
 def group_advantages(rewards: torch.Tensor, scale: bool, eps: float = 1e-4) -> torch.Tensor:
-    """rewards (B, G) -> advantages (B, G): each completion against its own group. Equal rewards
-    give exactly 0 (the float mean of six 0.15s is off by one ulp, which the division by std + eps
-    would blow up to 1e-4)."""
+    """rewards (B, G) -> advantages (B, G), each completion against its own group. Equal rewards
+    give exactly 0 (the float mean of six 0.15s is one ulp off, which / (std + eps) makes 1e-4)."""
     equal = rewards.max(dim=1, keepdim=True).values == rewards.min(dim=1, keepdim=True).values
     centered = (rewards - rewards.mean(dim=1, keepdim=True)).masked_fill(equal, 0.0)
     return centered / (rewards.std(dim=1, keepdim=True) + eps) if scale else centered
@@ -458,29 +424,18 @@ def rollout(model, tok, entries: list[dict], score_fn, cfg: Config, generator,
 
 
 def rollout_size(cfg: Config, buffered: int, world: int) -> int:
-    """Questions for the next rollout: exploration_batchsize or, without dynamic sampling, only as
-    many as the buffer still needs, rounded up to a multiple of the number of processes (so a
-    buffer of 500 at G = 6 holds 504)."""
+    """Questions for the next rollout: exploration_batchsize or, without dynamic sampling, as many
+    as the buffer still needs, rounded up to a multiple of the processes (500 at G = 6: 504)."""
     if cfg.dynamic_sampling:
         return cfg.exploration_batchsize
     groups_missing = math.ceil((cfg.buffer_size - buffered) / (cfg.G * world))
     return min(cfg.exploration_batchsize, world * groups_missing)
 
 
-def draw_questions(questions: tasks.Questions, pool, n: int) -> tuple:
-    """n questions in order, or from the curriculum pool: (entries, pass rates, pool indices)."""
-    if not pool:
-        return [questions.next() for _ in range(n)], None, None
-    pool.fill(questions.next)
-    picks = pool.draw(n, random)  # the global random state, which checkpoints keep
-    return [pool.active[i]["entry"] for i in picks], [pool.pass_rate(i) for i in picks], picks
-
-
 def fill_buffer(model, tok, questions: tasks.Questions, pool, cfg: Config, generator, desc: str):
-    """Rollouts until the buffer holds buffer_size samples (over all processes). With dynamic
-    sampling, groups that are all right or all wrong carry no gradient and are dropped, and more
-    rollouts are made, up to dynamic_sampling_bound times the usual number. Returns (buffer, every
-    sample drawn, stats)."""
+    """Rollouts until the buffer holds buffer_size samples (over all processes); with dynamic
+    sampling, all-right and all-wrong groups (no gradient) are dropped and more rollouts made, up
+    to dynamic_sampling_bound times as many. Returns (buffer, every sample drawn, stats)."""
     rank, world = ddp.rank_world()
     max_rollouts = math.ceil(cfg.buffer_size / (cfg.exploration_batchsize * cfg.G))
     if cfg.dynamic_sampling:
@@ -489,7 +444,7 @@ def fill_buffer(model, tok, questions: tasks.Questions, pool, cfg: Config, gener
     bar = ddp.progress(total=cfg.buffer_size, desc=desc)
     while len(buffer) * world < cfg.buffer_size and rollouts < max_rollouts:
         n = rollout_size(cfg, len(buffer) * world, world)
-        entries, rates, picks = draw_questions(questions, pool, n)
+        entries, rates, picks = tasks.draw_questions(questions, pool, n)
         new = rollout(model, tok, entries[rank::world], questions.task.score_answer, cfg, generator,
                       rates)
         rollouts += 1
@@ -557,10 +512,9 @@ def shuffled_minibatches(buffer: list[Sample], batch_size: int, generator) -> li
 
 
 def has_gradient(sample: Sample, beta: float) -> bool:
-    """Without the KL term a zero advantage makes every token's loss exactly 0 (ratio * 0): such
-    samples (whole groups whose rewards were equal) get no forward or backward pass. They still
-    count in the step's divisor (token_weights), so the loss and its gradient are exactly those of
-    the full buffer."""
+    """Without the KL a zero advantage makes every token's loss exactly 0: such samples (groups of
+    equal rewards) are not run, yet count in the step's divisor (token_weights), so the loss and
+    its gradient are exactly the full buffer's."""
     return sample.advantage != 0 or beta > 0
 
 
@@ -628,11 +582,10 @@ def accumulate_gradients(model, step_batches: list[list[Sample]], cfg: Config, p
 
 
 def warmup_lr(optimizer, params: list, lr: float, warmup_steps: int) -> float:
-    """Set and return the learning rate of the next optimizer step: lr * k / warmup_steps for the
-    k-th of the first warmup_steps, then lr. AdamW's first steps move every weight by about lr
-    whatever the gradient (its moment estimates start from a single gradient); at full size they
-    can make a near-deterministic policy fully deterministic in one step. The count is the
-    optimizer's own, so --resume continues the ramp."""
+    """Set and return the next optimizer step's learning rate: lr * k / warmup_steps for the k-th of
+    the first warmup_steps, then lr. AdamW's first steps move every weight by about lr whatever the
+    gradient: at full size they can make a near-deterministic policy deterministic in one step. The
+    count is the optimizer's own, so --resume continues the ramp."""
     state = optimizer.state.get(params[0], {})
     k = int(state["step"]) + 1 if "step" in state else 1
     for param_group in optimizer.param_groups:
@@ -641,9 +594,8 @@ def warmup_lr(optimizer, params: list, lr: float, warmup_steps: int) -> float:
 
 
 def optimizer_step(optimizer, params: list, grad_clip: float) -> float:
-    """Sum the gradients over processes (one sync per optimizer step), clip them and step; no step
-    if their norm is not finite: one bad batch must not poison the weights (the verdict is the same
-    on every rank). Returns the norm."""
+    """Sum the gradients over processes, clip them and step, unless their norm is not finite (the
+    same verdict on every rank): one bad batch must not poison the weights. Returns the norm."""
     ddp.sum_gradients(params)
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     norm = norm.item()
@@ -709,15 +661,14 @@ def update(model, optimizer, buffer: list[Sample], cfg: Config, pad_id: int, gen
 def evaluate(model, tok, entries: list[dict], score_fn, max_new_tokens: int, k_sampled: int = 0,
              temperature: float = 1.0, top_p: float = 1.0,
              batch: int = 32) -> tuple[dict, list[dict]]:
-    """Greedy answers to `entries` (each process answers its share): accuracy, format rate,
-    lengths, each accuracy with its standard error. k_sampled = K > 0: also K answers per question
-    sampled at `temperature` (the same seed in every eval, so two checkpoints draw from the same
-    random stream): mean@K, pass@K and the mixed rate, the share of questions whose K answers are
-    neither all right nor all wrong (the questions GRPO learns from)."""
+    """Greedy answers to `entries` (each process answers its share): accuracy, format rate, lengths,
+    standard errors. k_sampled = K > 0: also K answers sampled at `temperature` (the same seed in
+    every eval: checkpoints draw from one random stream): mean@K, pass@K and the mixed rate (the
+    questions GRPO learns from: K answers neither all right nor all wrong)."""
     rank, world = ddp.rank_world()
     mine, rows = entries[rank::world], []
-    generator = torch.Generator(device=model.lm_head.weight.device)
-    generator.manual_seed(tasks.EVAL_SEED + rank)
+    device = model.lm_head.weight.device
+    generator = torch.Generator(device=device).manual_seed(tasks.EVAL_SEED + rank)
     for i in ddp.progress(iterable=range(0, len(mine), batch), desc="eval"):
         chunk = mine[i:i + batch]
         prompts = [reward.encode_prompt(tok, e["question"]) for e in chunk]
@@ -741,11 +692,6 @@ def evaluate(model, tok, entries: list[dict], score_fn, max_new_tokens: int, k_s
     return report.eval_metrics(rows, [str(e["answer"]) for e in entries], k_sampled), rows
 
 
-def buffer_stats(samples: list[Sample]) -> dict:
-    """Reward and completion statistics of the step's samples, over all processes."""
-    return report.sample_stats(ddp.gather([s.row() for s in samples]))
-
-
 def eval_step(model, tok, eval_set, eval_entries, cfg: Config, run: rundir.Run, step: int,
               start_verdicts=None) -> tuple:
     """Evaluate, pair the verdicts with step 0's, print the line, keep a few answers. Returns
@@ -766,27 +712,24 @@ def eval_step(model, tok, eval_set, eval_entries, cfg: Config, run: rundir.Run, 
 # The loop
 
 def main(cfg: Config):
-    check_config(cfg)
+    if cfg.resume and cfg.init_from:
+        fail("--resume continues out_dir's own run; --init_from starts a new one: pass one of them")
+    ddp.check_split(cfg)
     device, dtype, why = weights.resolve_device(cfg.device, cfg.dtype)
     device = ddp.init(device)
     rank, world = ddp.rank_world()
     run = rundir.Run(cfg.out_dir, cfg.resume, cfg.overwrite, write=rank == 0, cfg=cfg)
-    ckpt = None
-    if cfg.resume:
-        ckpt = rundir.read_checkpoint(run.ckpt_path, cfg)
-    elif cfg.init_from:
-        ckpt = rundir.read_checkpoint(cfg.init_from, cfg)
+    ckpt_path = run.ckpt_path if cfg.resume else cfg.init_from
+    ckpt = rundir.read_checkpoint(ckpt_path, cfg) if ckpt_path else None
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)  # each samples its own
-    train_set = tasks.make_task(cfg.task, TRAIN_QUESTIONS, cfg.seed)
+    train_set = tasks.make_task(cfg.task, tasks.TRAIN_QUESTIONS, cfg.seed)
     eval_set, eval_entries = tasks.held_out(cfg.eval_task or cfg.task, cfg.eval_size, cfg.eval_seed)
     eval_questions = {e["question"] for e in eval_entries}
     questions = tasks.Questions(train_set, held_out=eval_questions)  # never an eval question
     pool = tasks.Pool(cfg.pool_size, cfg.retire_after) if cfg.pool_size else None
     model, tok = weights.load(cfg.model, device, dtype, why)
-    if device == "cpu":
-        keep_freed_memory()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eval_prompts = [reward.encode_prompt(tok, e["question"]) for e in eval_entries]
     weights.check_context(model, eval_prompts, cfg.max_new_tokens)
@@ -798,8 +741,7 @@ def main(cfg: Config):
     step, start_verdicts = 0, None
     if ckpt:
         rundir.load_weights(model, ckpt)
-        print(f"resumed from {run.ckpt_path}" if cfg.resume
-              else f"initialised from {cfg.init_from}")
+        print(f"{'resumed' if cfg.resume else 'initialised'} from {ckpt_path}")
     if cfg.resume:
         step, start_verdicts = rundir.restore(ckpt, optimizer, questions, pool, generator, rank)
 
@@ -825,7 +767,8 @@ def main(cfg: Config):
         stats = update(model, optimizer, buffer, cfg, pad_id, generator, device)
         step += 1
         # 3) log the step (and evaluate)
-        row = {"step": step, **buffer_stats(sampled), **fill_stats, **stats,
+        sampled_stats = report.sample_stats(ddp.gather([s.row() for s in sampled]))
+        row = {"step": step, **sampled_stats, **fill_stats, **stats,
                "step_s": time.time() - t0, "sample_s": sample_s}
         row["tokens_per_s"] = row["n_tokens"] / row["step_s"]
         row["sample_tokens_per_s"] = row["n_tokens"] / sample_s

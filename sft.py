@@ -42,7 +42,7 @@ import rundir
 import tasks
 import weights
 from flags import fail, opt
-from packed import frozen_linears, keep_freed_memory
+from packed import frozen_linears
 
 
 @dataclass
@@ -375,12 +375,10 @@ def main(cfg: SFTConfig):
         fail("--teacher needs --teacher_model (the model name the endpoint serves)")
     # an unfinished one's teacher cache is reused
     rundir.claim(cfg.out_dir, False, cfg.overwrite, markers=("ckpt.pt",))
-    train_set = tasks.make_task(cfg.task, 10**8, cfg.seed)
+    train_set = tasks.make_task(cfg.task, tasks.TRAIN_QUESTIONS, cfg.seed)
     eval_set, eval_entries = tasks.held_out(cfg.task, cfg.eval_size)
     held_out = {e["question"] for e in eval_entries}
     model, tok = weights.load(cfg.model, device, dtype, why)
-    if device == "cpu":
-        keep_freed_memory()
     os.makedirs(cfg.out_dir, exist_ok=True)
     # --config repeats the run from it
     with open(os.path.join(cfg.out_dir, "config.toml"), "w") as f:

@@ -21,6 +21,8 @@ from flags import fail
 
 # the held-out questions: a seed far from any training seed, the same in every run
 EVAL_SEED = 10**9
+# training questions of a reasoning-gym task: made on demand (question i of a seed), a stream
+TRAIN_QUESTIONS = 10**8
 
 
 def split_top_level(spec: str) -> list[str]:
@@ -194,6 +196,15 @@ class Questions:
                      "larger task")
         self.index += 1
         return self.task[self.index - 1]
+
+
+def draw_questions(questions: Questions, pool, n: int) -> tuple:
+    """n questions in order, or from the curriculum pool: (entries, pass rates, pool indices)."""
+    if not pool:
+        return [questions.next() for _ in range(n)], None, None
+    pool.fill(questions.next)
+    picks = pool.draw(n, random)  # the global random state, which checkpoints keep
+    return [pool.active[i]["entry"] for i in picks], [pool.pass_rate(i) for i in picks], picks
 
 
 # --------------------------------------------------------------------------------------------------

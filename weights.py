@@ -11,6 +11,7 @@ import torch
 
 from flags import fail
 from model import check_supported, from_hf
+from packed import keep_freed_memory
 
 SMOLLM_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CACHE_DIR = os.path.expanduser(os.environ.get("GRPO_CACHE", "~/.cache/grpo"))
@@ -92,7 +93,7 @@ def resolve_device(device: str, dtype: str) -> tuple[str, torch.dtype, str]:
 
 def load(name: str, device: str, dtype: torch.dtype, why: str = ""):
     """(our model with the weights of `name`, its tokenizer); prints one line naming exactly which
-    weights, and the device and dtype (and why that dtype)."""
+    weights, the device and dtype (and why that dtype). On CPU, freed memory is kept (packed.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # the one line below says what was loaded
@@ -111,6 +112,8 @@ def load(name: str, device: str, dtype: torch.dtype, why: str = ""):
              f"model folder")
     print(f"{line} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {device} "
           f"{str(dtype).removeprefix('torch.')}" + (f" ({why})" if why else ""), flush=True)
+    if device == "cpu":
+        keep_freed_memory()
     return model, tok
 
 

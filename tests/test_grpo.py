@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import grpo
 import packed
+import report
 import rundir
 import tasks
 from conftest import (EOS, ListTask, PROMPTS, SHARED_PREFIX, cfg_for, entry, hf_twin, logits,
@@ -591,19 +592,19 @@ def test_gradient_checkpointing_gives_the_same_gradient():
         assert torch.allclose(a, b, atol=1e-12)
 
 
-def test_buffer_stats_split_lengths_by_verdict_and_count_partial_credit():
-    def sample(correct, n, score, correctness):
+def test_step_stats_split_lengths_by_verdict_and_count_partial_credit():
+    def row(correct, n, score, correctness):  # what a Sample reports of itself
         scores = {"reward": 0.0, "correct": correct, "format": 1.0, "length_reward": 0.0,
                   "overlong": 0.0,
                   "difficulty_bonus": 0.0, "score": score, "correctness": correctness}
-        return grpo.Sample([0], [1] * n, advantage=0.5, scores=scores)
+        return grpo.Sample([0], [1] * n, advantage=0.5, scores=scores).row()
 
-    stats = grpo.buffer_stats([sample(True, 40, 1.0, 1.0), sample(False, 60, 0.5, 0.5),
-                               sample(False, 80, 0.0, 0.0), sample(False, 100, 0.2, 0.0)])
+    stats = report.sample_stats([row(True, 40, 1.0, 1.0), row(False, 60, 0.5, 0.5),
+                                 row(False, 80, 0.0, 0.0), row(False, 100, 0.2, 0.0)])
     assert (stats["len_right_mean"], stats["len_wrong_mean"]) == (40, 80)
     assert stats["partial_credit_rate"] == 0.5  # two of four scored strictly between 0 and 1
     assert stats["partial_credit_share"] == pytest.approx(0.5 / 1.5)  # of the correctness paid out
-    assert math.isnan(grpo.buffer_stats([sample(False, 10, 0.0, 0.0)])["len_right_mean"])
+    assert math.isnan(report.sample_stats([row(False, 10, 0.0, 0.0)])["len_right_mean"])
 
 
 class WordTokenizer:
