@@ -51,8 +51,8 @@ def timed(fn, device):
 def matmul_gflops(device, dtype, n=2048, reps=10, tries=5) -> float:
     """The peak: the best of `tries` timings (the machine's speed drifts, and a peak is a best
     case)."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device,
-                                                                      dtype=dtype)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up
     s = min(timed(lambda: [a @ b for _ in range(reps)], device)[1] for _ in range(tries))
     return 2 * n ** 3 * reps / s / 1e9
@@ -159,17 +159,17 @@ def measure(args: BenchConfig, device: str, dtype: torch.dtype, why: str) -> dic
     # completions' lengths (a minibatch pads to its longest) and with the machine
     steps = []
     for k in range(1, args.steps + 1):
-        entries = [task[i] for i in range(k * cfg.exploration_batchsize,
-                                          (k + 1) * cfg.exploration_batchsize)]
-        batch, rollout_s = timed(lambda: grpo.rollout(model, tok, entries, task.score_answer, cfg,
-                                                      gen), device)
+        first = k * cfg.exploration_batchsize
+        entries = [task[i] for i in range(first, first + cfg.exploration_batchsize)]
+        rollout = lambda: grpo.rollout(model, tok, entries, task.score_answer, cfg, gen)
+        batch, rollout_s = timed(rollout, device)
         synthetic = all(s.advantage == 0 for s in batch)
         # the base model earns no reward (no tags): time the update's real work anyway
         if synthetic:
             for i, s in enumerate(batch):
                 s.advantage = 1.0 if i % 2 else -1.0
-        _, update_s = timed(lambda: grpo.update(model, optimizer, batch, cfg, tok.eos_token_id, gen,
-                                                device), device)
+        update = lambda: grpo.update(model, optimizer, batch, cfg, tok.eos_token_id, gen, device)
+        _, update_s = timed(update, device)
         steps.append({"step_s": rollout_s + update_s, "rollout_s": rollout_s, "update_s": update_s,
                       "tokens": sum(len(s.completion) for s in batch),
                       "synthetic_advantages": synthetic})

@@ -119,9 +119,8 @@ def parse_config(cls, argv=None, doc: str = "", program: str | None = None):
                                f"--flag=-1e-5)")
     if program:
         p.add_argument("--config", default="",
-                       help=f"a recipe (TOML): its top-level keys and its [{program}] "
-                                                    f"section set flags; the command line "
-                                                    f"overrides them")
+                       help=f"a recipe (TOML): its top-level keys and its [{program}] section "
+                            "set flags; the command line overrides them")
     for f in dataclasses.fields(cls):
         help = f.metadata["help"].replace("%", "%%")
         if f.type is bool or f.type == "bool":

@@ -555,8 +555,8 @@ def accumulate_gradients(model, step_batches: list[list[Sample]], cfg: Config, p
     old log-probs are this pass's own, detached, and are kept for later epochs. Returns the step's
     loss, each minibatch's clipped-token fraction and the entropy at every token it ran."""
     step_samples = [s for mb in step_batches for s in mb]
-    weighted = list(zip(step_samples, token_weights(step_samples, cfg.loss_agg,
-                                                    cfg.max_new_tokens)))
+    step_weights = token_weights(step_samples, cfg.loss_agg, cfg.max_new_tokens)
+    weighted = list(zip(step_samples, step_weights))
     total, clip_fracs, entropies, start = 0.0, [], [], 0
     for mb in step_batches:
         kept = [(s, w) for s, w in weighted[start:start + len(mb)] if has_gradient(s, cfg.beta)]
@@ -631,8 +631,8 @@ def update(model, optimizer, buffer: list[Sample], cfg: Config, pad_id: int, gen
                 minibatches = shuffled_minibatches(buffer, local_batch, generator)
             for i in range(0, len(minibatches), accum):
                 step_batches = minibatches[i:i + accum]
-                loss, clip_fracs, token_entropy = accumulate_gradients(model, step_batches, cfg,
-                                                                       pad_id, device)
+                loss, clip_fracs, token_entropy = accumulate_gradients(
+                    model, step_batches, cfg, pad_id, device)
                 entropy += torch.tensor([token_entropy.sum().item(), len(token_entropy)],
                                         dtype=torch.float64)
                 stats["lr"] = warmup_lr(optimizer, params, cfg.learning_rate, cfg.warmup_steps)

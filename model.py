@@ -46,8 +46,8 @@ def rope_frequencies(config) -> torch.Tensor:
     """The rotary embedding's inverse frequencies (head_dim / 2,), with the scaling these families
     use: none, linear, or Llama 3's (long wavelengths slowed by `factor`, a smooth blend
     between)."""
-    p = getattr(config, "rope_parameters", None) or {"rope_type": "default",
-                                                     "rope_theta": config.rope_theta}
+    p = getattr(config, "rope_parameters", None)
+    p = p or {"rope_type": "default", "rope_theta": config.rope_theta}
     dim, kind = head_dim(config), p.get("rope_type", "default")
     inv_freq = 1.0 / (p["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if kind == "linear":
@@ -97,9 +97,8 @@ def plain_attention(q, k, v, mask=None, causal=False):
     slower than this (forward + backward at a training minibatch's shapes)."""
     B, H, T, D = q.shape
     KV, S = k.shape[1], k.shape[2]
-    s = (q.float().reshape(B, KV, H // KV * T, D) @ k.float().transpose(-1, -2)).view(B, KV,
-                                                                                      H // KV, T,
-                                                                                      S) * D ** -0.5
+    rows = q.float().reshape(B, KV, H // KV * T, D)  # the query heads of each key head, as rows
+    s = (rows @ k.float().transpose(-1, -2)).view(B, KV, H // KV, T, S) * D ** -0.5
     if causal:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
     if mask is not None:
@@ -127,8 +126,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, KV * D, bias=qkv_bias)
         self.o_proj = nn.Linear(H * D, d, bias=getattr(config, "attention_bias", False))
         if config.model_type == "qwen3":  # Qwen3 normalizes each head's query and key
-            self.q_norm, self.k_norm = RMSNorm(D, config.rms_norm_eps), RMSNorm(D,
-                                                                                config.rms_norm_eps)
+            self.q_norm = RMSNorm(D, config.rms_norm_eps)
+            self.k_norm = RMSNorm(D, config.rms_norm_eps)
         self.head_dim, self.sizes, self.qkv = D, (H * D, KV * D, KV * D), None
 
     def forward(self, x, cos, sin, attention, layer: int):
@@ -152,10 +151,12 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        d, f, bias = config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias",
-                                                                           False)
-        self.gate_proj, self.up_proj = nn.Linear(d, f, bias=bias), nn.Linear(d, f, bias=bias)
-        self.down_proj, self.gate_up = nn.Linear(f, d, bias=bias), None
+        d, f = config.hidden_size, config.intermediate_size
+        bias = getattr(config, "mlp_bias", False)
+        self.gate_proj = nn.Linear(d, f, bias=bias)
+        self.up_proj = nn.Linear(d, f, bias=bias)
+        self.down_proj = nn.Linear(f, d, bias=bias)
+        self.gate_up = None
 
     def forward(self, x):
         if self.gate_up is not None:  # one product for both (while sampling)
@@ -265,8 +266,8 @@ def attend(q, k, v, scale: float, bias=None, fused: bool | None = None):
     if fused is None:
         fused = q.device.type == "cpu"
     if fused:
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias,
-                                                                          scale=scale)
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        return flash(q, k, v, attn_mask=bias, scale=scale)
     # scores and softmax in fp32 at least, as SDPA keeps them
     s = upcast(q) @ upcast(k).transpose(-1, -2) * scale
     s = s if bias is None else s + bias
@@ -312,9 +313,8 @@ class DecodeCache:
         B, KV, _, D = self.prompt_k[0].shape
         self.k = [k.new_empty(B * G, KV, capacity, D) for k in self.prompt_k]
         self.v = [v.new_empty(B * G, KV, capacity, D) for v in self.prompt_v]
-        self.bias = torch.zeros(prompt_mask.shape, dtype=self.k[0].dtype,
-                                device=prompt_mask.device).masked_fill(
-            prompt_mask == 0, float("-inf"))[:, None, None]  # (B, 1, 1, P)
+        bias = torch.zeros(prompt_mask.shape, dtype=self.k[0].dtype, device=prompt_mask.device)
+        self.bias = bias.masked_fill(prompt_mask == 0, float("-inf"))[:, None, None]  # (B, 1, 1, P)
         self.G, self.length, self.slot = G, 0, torch.arange(B * G, device=prompt_mask.device)
 
     def keep(self, rows):

@@ -125,8 +125,8 @@ class Run:
         self.log_path = os.path.join(out_dir, "log.jsonl")
         self.samples_path = os.path.join(out_dir, "samples.jsonl")
         self.rows, self.tracker = [], None
-        self.report_to, self.config = getattr(cfg, "report_to",
-                                              ""), dataclasses.asdict(cfg) if cfg else {}
+        self.report_to = getattr(cfg, "report_to", "")
+        self.config = dataclasses.asdict(cfg) if cfg else {}
         if self.report_to and importlib.util.find_spec(self.report_to) is None:
             fail(f"--report_to {self.report_to} needs its package: pip install {self.report_to}")
         if resume:
@@ -278,8 +278,7 @@ def load_weights(model, ckpt: dict) -> None:
     model.load_state_dict(ckpt["model"], strict=False)
 
 
-def restore(ckpt: dict, optimizer, questions, pool, generator, rank: int) -> tuple[int,
-                                                                                   list | None]:
+def restore(ckpt: dict, optimizer, questions, pool, generator, rank: int) -> tuple:
     """--resume: the optimizer, data position, curriculum and every random state of the checkpoint.
     Returns (step, the step-0 eval's verdicts)."""
     optimizer.load_state_dict(ckpt["optimizer"])

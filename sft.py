@@ -215,9 +215,8 @@ def self_examples(model, tok, entries: list[dict], cfg: SFTConfig, score_fn) -> 
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     for i in tqdm(range(0, len(entries), 8), desc="self-teacher", dynamic_ncols=True):
         chunk = entries[i:i + 8]
-        prompts = [reward.encode_prompt(tok, TEACHER_PROMPT.format(question=e["question"],
-                                                              answer=e["answer"]))
-                   for e in chunk]
+        asks = [TEACHER_PROMPT.format(question=e["question"], answer=e["answer"]) for e in chunk]
+        prompts = [reward.encode_prompt(tok, ask) for ask in asks]
         completions, _ = grpo.generate(model, prompts, cfg.self_samples, max_new_tokens=200,
                                        temperature=0.7, top_p=0.95, eos_id=tok.eos_token_id,
                                        generator=generator)

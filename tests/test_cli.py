@@ -214,8 +214,8 @@ def test_report_to_tensorboard_writes_every_log_row(tiny_model_dir, tmp_path):
 def test_report_to_wandb_logs_offline(tiny_model_dir, tmp_path):
     pytest.importorskip("wandb", reason="an optional tracker: .ci/run installs it")
     out = tmp_path / "run"
-    args = [f"--{k}={v}" for k, v in dataclasses.asdict(small_config(tiny_model_dir, out,
-                                                                     max_steps=1)).items()
+    cfg = dataclasses.asdict(small_config(tiny_model_dir, out, max_steps=1))
+    args = [f"--{k}={v}" for k, v in cfg.items()
             if v != getattr(grpo.Config, k, None) and not isinstance(v, bool)]
     r = run_cli(*args, "--report_to", "wandb", timeout=300)
     assert r.returncode == 0, r.stderr

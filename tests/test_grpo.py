@@ -131,9 +131,8 @@ def test_g_samples_share_the_prompt_cache_and_greedy_copies_agree(tiny):
 
 
 @pytest.mark.parametrize("prompts", [PROMPTS, SHARED_PREFIX], ids=["prompts", "shared_prefix"])
-def test_every_row_samples_from_the_full_model_s_logits_while_rows_leave_the_batch(any_tiny_model,
-                                                                                   prompts,
-                                                                                    monkeypatch):
+def test_every_row_samples_from_the_full_model_s_logits_while_rows_leave_the_batch(
+        any_tiny_model, prompts, monkeypatch):
     """Sampled rows stop at different times, also within one prompt's G samples, and leave the
     batch; at every step, each row still running draws from the logits of a full forward pass over
     its prompt and tokens so far."""
@@ -146,8 +145,8 @@ def test_every_row_samples_from_the_full_model_s_logits_while_rows_leave_the_bat
     completions, _ = grpo.generate(model, prompts, G, 16, 1.0, 1.0, EOS,
                                    torch.Generator().manual_seed(0))
     assert len(seen[-1]) < len(seen[0])  # rows left the batch
-    assert any(len({len(c) for c in completions[i:i + G]}) > 1 for i in range(0, len(completions),
-                                                                              G))
+    groups = [completions[i:i + G] for i in range(0, len(completions), G)]
+    assert any(len({len(c) for c in group}) > 1 for group in groups)
     for i, c in enumerate(completions):
         for t in range(len(c)):
             want = logits(model, torch.tensor([prompts[i // G] + c[:t]]))[0, -1]
@@ -235,8 +234,8 @@ def test_token_logprobs_gradient_equals_autograd_of_log_softmax():
     expected = (F.linear(h, w) / 0.7).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
     (expected * upstream).sum().backward()
     assert torch.allclose(ours, expected, atol=1e-12)
-    assert torch.allclose(ours_grads[0], h.grad, atol=1e-12) and torch.allclose(ours_grads[1],
-                                                                                w.grad, atol=1e-12)
+    assert torch.allclose(ours_grads[0], h.grad, atol=1e-12)
+    assert torch.allclose(ours_grads[1], w.grad, atol=1e-12)
 
 
 def record_ppo_loss(monkeypatch) -> list:
@@ -533,8 +532,8 @@ def test_update_changes_only_lora_weights_and_reports_stats():
     assert 0 < stats["entropy"] < math.log(model.config.vocab_size)
     state = dict(model.named_parameters())
     for n, p in base.items():  # frozen weights untouched (names now sit under .base)
-        moved = n.replace("q_proj.weight", "q_proj.base.weight").replace("v_proj.weight",
-                                                                         "v_proj.base.weight")
+        moved = n.replace("q_proj.weight", "q_proj.base.weight")
+        moved = moved.replace("v_proj.weight", "v_proj.base.weight")
         assert torch.equal(state[moved], p)
     assert any(state[n].abs().sum() > 0 for n in state if n.endswith("lora_B"))
 
@@ -647,8 +646,8 @@ def test_the_random_reward_control_keeps_the_rate_and_drops_the_verdicts(seed, m
                for s in control)
     for b in (0, 4):  # advantages from the control's rewards
         group = torch.tensor([[s.scores["reward"] for s in control[b:b + 4]]])
-        assert [s.advantage for s in control[b:b + 4]] == grpo.group_advantages(group,
-                                                                                True)[0].tolist()
+        expected = grpo.group_advantages(group, True)[0].tolist()
+        assert [s.advantage for s in control[b:b + 4]] == expected
 
 
 def test_check_work_in_a_rollout_pays_only_the_right_answer_with_right_work(monkeypatch):

@@ -115,9 +115,8 @@ def test_a_model_without_chat_template(tiny_model_dir, tmp_path):
 
 
 def test_a_prompt_beyond_the_context_window(tiny_model_dir, tmp_path):
-    assert "exceeds the model's context" in expect_usage_error(["--model", tiny_model_dir,
-                                                                "--max_new_tokens", "100000"],
-                                                               tmp_path)
+    args = ["--model", tiny_model_dir, "--max_new_tokens", "100000"]
+    assert "exceeds the model's context" in expect_usage_error(args, tmp_path)
 
 
 def test_a_checkpoint_from_another_model(tiny_model_dir, tmp_path):
@@ -186,10 +185,12 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_memory_freed_after_a_step_is_kept_not_faulted_in_again():
-    faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS, mode], cwd=ROOT,
-                                       capture_output=True, text=True,
-                                       check=True).stdout.split()[-1]) for mode in ("default",
-                                                                                    "keep")}
+    def faults_in(mode):
+        run = subprocess.run([sys.executable, "-c", FAULTS, mode], cwd=ROOT, capture_output=True,
+                             text=True, check=True)
+        return int(run.stdout.split()[-1])
+
+    faults = {mode: faults_in(mode) for mode in ("default", "keep")}
     # the 160 MB given back to the OS, then faulted in again 4 KB at a time
     assert faults["default"] > 20000
     # Kept: 0-1024 faults here, 6144 once on another machine (small allocations between the blocks
