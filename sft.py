@@ -376,7 +376,7 @@ def main(cfg: SFTConfig):
     rundir.claim(cfg.out_dir, False, cfg.overwrite, markers=("ckpt.pt",))
     train_set = tasks.make_task(cfg.task, tasks.TRAIN_QUESTIONS, cfg.seed)
     eval_set, eval_entries = tasks.held_out(cfg.task, cfg.eval_size)
-    held_out = {e["question"] for e in eval_entries}
+    questions = tasks.Questions(train_set, held_out={e["question"] for e in eval_entries})
     model, tok = weights.load(cfg.model, device, dtype, why)
     os.makedirs(cfg.out_dir, exist_ok=True)
     # --config repeats the run from it
@@ -384,11 +384,7 @@ def main(cfg: SFTConfig):
         f.write(flags.to_toml(cfg, "sft"))
     examples_path = os.path.join(cfg.out_dir, "examples.jsonl")
 
-    entries, i = [], 0
-    while len(entries) < cfg.n_examples:  # training questions, none of them an eval question
-        if train_set[i]["question"] not in held_out:
-            entries.append(train_set[i])
-        i += 1
+    entries = [questions.next() for _ in range(cfg.n_examples)]  # none of them an eval question
     if cfg.data:
         examples = verified(given, train_set.score_answer)
     elif cfg.teacher:
