@@ -712,8 +712,6 @@ def eval_step(model, tok, eval_set, eval_entries, cfg: Config, run: rundir.Run, 
 # The loop
 
 def main(cfg: Config):
-    if cfg.resume and cfg.init_from:
-        fail("--resume continues out_dir's own run; --init_from starts a new one: pass one of them")
     ddp.check_split(cfg)
     device, dtype, why = weights.resolve_device(cfg.device, cfg.dtype)
     device = ddp.init(device)

@@ -99,7 +99,10 @@ def writing(path: str):
 def check_same_run(cfg, saved: dict, path: str) -> None:
     """--resume continues one run: each flag must be the checkpoint's, except those that only steer
     the rest of the run (STEERING), whose changes are named. A flag the checkpoint does not know
-    (older code) is not compared."""
+    (older code) is not compared. --init_from is where the run started: a recipe's own is its
+    (--resume reads out_dir's checkpoint), another one starts another run."""
+    if not cfg.init_from:
+        cfg.init_from = saved.get("init_from", "")
     differ = [(k, saved[k], v) for k, v in dataclasses.asdict(cfg).items() if k in saved
               and saved[k] != v]
     other = [f"--{k} {v} (the run's: {was})" for k, was, v in differ if k not in STEERING]

@@ -62,7 +62,6 @@ BAD_GRPO = [
     (["--model", "./no/such/model"], "no such folder"),
     (["--init_from", "nope.pt"], "checkpoint nope.pt does not exist"),
     (["--resume"], "there is no"),
-    (["--resume", "--init_from", "x.pt"], "pass one of them"),
     (["--model", "{tiny}", "--max_new_tokens", "8", "--lora_targets", "nothing"],
      "--lora_targets nothing: no linear"),
     (["--model", "{tiny}", "--max_new_tokens", "100000"], "exceeds the model's context"),

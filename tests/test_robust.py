@@ -244,6 +244,26 @@ def test_resume_may_change_only_what_steers_the_rest_and_says_so(tiny_model_dir,
     assert [row["step"] for row in steps(out)] == [0, 1, 2]
 
 
+def test_resume_continues_a_run_started_from_init_from(one_step_run, tiny_model_dir, tmp_path):
+    # the quick start's recipe names --init_from: --resume with the recipe (the same init_from) or
+    # without it continues the run; another init_from would be another run
+    start = str(one_step_run / "ckpt.pt")
+    out = tmp_path / "run"
+    subprocess.run(cli_args(tiny_model_dir, out, max_steps=1, init_from=start), cwd=ROOT,
+                   check=True, capture_output=True, timeout=300)
+    r = subprocess.run(cli_args(tiny_model_dir, out, max_steps=3, resume=True, init_from=start),
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(cli_args(tiny_model_dir, out, max_steps=3, resume=True, init_from="x.pt"),
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and f"--init_from x.pt (the run's: {start})" in r.stderr, r.stderr
+    r = subprocess.run(cli_args(tiny_model_dir, out, max_steps=3, resume=True), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [row["step"] for row in steps(out)] == [0, 1, 2, 3]
+    assert f'init_from = "{start}"' in (out / "config.toml").read_text()
+
+
 @pytest.fixture(scope="module")
 def two_step_run(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "out"
