@@ -10,7 +10,7 @@ import math
 import os
 import sys
 
-from flags import fail
+from flags import BadInput, fail
 
 NO_FORMAT = ("a model that never writes the tags gives GRPO nothing to learn from (every reward "
              "the same): warm it up first with python sft.py, then --init_from out-sft/ckpt.pt")
@@ -239,17 +239,26 @@ def write_plot(out_dir: str, log: list[dict]) -> None:
 
 def eval_verdicts(out_dir: str) -> dict:
     """question -> greedy verdict, from the samples.jsonl of a `grpo.py --eval_only` run."""
-    rows = [json.loads(line) for line in open(os.path.join(out_dir, "samples.jsonl"))]
-    return {r["question"]: r["correct"] for r in rows if r.get("split") == "eval"}
+    path = os.path.join(out_dir, "samples.jsonl")
+    if not os.path.isfile(path):
+        fail(f"{path} does not exist: give the out_dir of a finished grpo.py --eval_only run")
+    try:
+        rows = [json.loads(line) for line in open(path)]
+        verdicts = {r["question"]: r["correct"] for r in rows if r.get("split") == "eval"}
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"{path} is not a samples.jsonl of grpo.py ({type(e).__name__}: {e})")
+    if not verdicts:
+        fail(f"{path} holds no eval answers: give the out_dir of a grpo.py --eval_only run")
+    return verdicts
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 3:
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
         sys.exit("usage: python report.py BEFORE AFTER  (two grpo.py --eval_only out_dirs)")
-    before, after = (eval_verdicts(d) for d in sys.argv[1:])
+    before, after = (eval_verdicts(d) for d in argv)
     if set(before) != set(after):
-        sys.exit("error: the two evals asked different questions: evaluate both with the same "
-                 "--task, --eval_size and --eval_seed")
+        fail("the two evals asked different questions: evaluate both with the same --task, "
+             "--eval_size and --eval_seed")
     questions = sorted(before)
     m = {**rate("eval_accuracy", [after[q] for q in questions]),
          **paired_gain([before[q] for q in questions], [after[q] for q in questions])}
@@ -258,3 +267,10 @@ if __name__ == "__main__":
           f"{100 * m['eval_gain']:+.1f} ± {100 * m['eval_gain_se']:.1f} points (paired, "
           f"{m['eval_gain_up']} right now / "
           f"{m['eval_gain_down']} wrong now; McNemar p {m['eval_gain_p']:.2g})")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except BadInput as e:
+        sys.exit(f"error: {e}")

@@ -115,6 +115,17 @@ def test_report_pairs_two_eval_only_runs_on_their_questions(tmp_path):
     r = subprocess.run([sys.executable, "report.py", before, eval_dir("fewer", [1, 1])], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 1 and "asked different questions" in r.stderr
+    # an eval still running (no samples.jsonl yet), a training run's log, a torn file: one line
+    (tmp_path / "running").mkdir()
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "samples.jsonl").write_text('{"split": "train", "question": "q"}\n')
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "samples.jsonl").write_text('{"split": "eval", "quest')
+    for name, message in [("running", "does not exist"), ("train", "holds no eval answers"),
+                          ("torn", "is not a samples.jsonl")]:
+        r = subprocess.run([sys.executable, "report.py", before, str(tmp_path / name)], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_eval_samples_log_mean_pass_and_mixed_rate_and_leave_training_untouched(tiny_model_dir,
