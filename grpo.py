@@ -555,15 +555,13 @@ def accumulate_gradients(model, step_batches: list[list[Sample]], cfg: Config, p
     old log-probs are this pass's own, detached, and are kept for later epochs. Returns the step's
     loss, each minibatch's clipped-token fraction and the entropy at every token it ran."""
     step_samples = [s for mb in step_batches for s in mb]
-    step_weights = token_weights(step_samples, cfg.loss_agg, cfg.max_new_tokens)
-    weighted = list(zip(step_samples, step_weights))
-    total, clip_fracs, entropies, start = 0.0, [], [], 0
+    weight_of = dict(zip(step_samples, token_weights(step_samples, cfg.loss_agg,
+                                                     cfg.max_new_tokens)))
+    total, clip_fracs, entropies = 0.0, [], []
     for mb in step_batches:
-        kept = [(s, w) for s, w in weighted[start:start + len(mb)] if has_gradient(s, cfg.beta)]
-        start += len(mb)
-        if not kept:
+        mb = [s for s in mb if has_gradient(s, cfg.beta)]
+        if not mb:
             continue
-        mb = [s for s, _ in kept]
         logp, entropy = minibatch_logprobs(model, mb, cfg, pad_id, device, grad=True)
         entropies.append(entropy)
         for s, lp in zip(mb, logp):
@@ -572,7 +570,7 @@ def accumulate_gradients(model, step_batches: list[list[Sample]], cfg: Config, p
         old_logp = torch.cat([s.old_logp for s in mb]).to(device)
         ref_logp = torch.cat([s.ref_logp for s in mb]).to(device) if cfg.beta else None
         adv = torch.cat([torch.full_like(lp, s.advantage) for s, lp in zip(mb, logp)])  # (T,)
-        weight = torch.cat([w for _, w in kept]).to(device, adv.dtype)
+        weight = torch.cat([weight_of[s] for s in mb]).to(device, adv.dtype)
         loss, clipped = ppo_loss(torch.cat(logp), old_logp, ref_logp, adv, weight, cfg.eps_low,
                                  cfg.eps_high, cfg.beta)
         loss.backward()
