@@ -89,7 +89,7 @@ def measure(args: BenchConfig, device: str, dtype: torch.dtype, why: str) -> dic
     gen = torch.Generator(device=device).manual_seed(0)
     run_ours = lambda: grpo.generate(model, prompts, cfg.G, cfg.max_new_tokens, cfg.temperature,
                                      cfg.top_p, tok.eos_token_id, gen, stop_at_eos=False)
-    ids, mask = grpo.left_pad(prompts, tok.eos_token_id, device)
+    ids, mask = (t.to(device) for t in grpo.pad(prompts, tok.eos_token_id, left=True))
     hf = to_hf(model).to(device)  # transformers' own model and generate, on the same weights
     run_hf = lambda: hf.generate(
         input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature,
@@ -138,7 +138,7 @@ def measure(args: BenchConfig, device: str, dtype: torch.dtype, why: str) -> dic
         for s in buffer:
             s.old_logp = None
         with frozen_linears(model, rows=1024, training=True):  # as grpo.update does
-            grpo.accumulate_gradients(model, minibatches, cfg, tok.eos_token_id, device)
+            grpo.accumulate_gradients(model, minibatches, cfg, tok.eos_token_id)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -168,7 +168,7 @@ def measure(args: BenchConfig, device: str, dtype: torch.dtype, why: str) -> dic
         if synthetic:
             for i, s in enumerate(batch):
                 s.advantage = 1.0 if i % 2 else -1.0
-        update = lambda: grpo.update(model, optimizer, batch, cfg, tok.eos_token_id, gen, device)
+        update = lambda: grpo.update(model, optimizer, batch, cfg, tok.eos_token_id, gen)
         _, update_s = timed(update, device)
         steps.append({"step_s": rollout_s + update_s, "rollout_s": rollout_s, "update_s": update_s,
                       "tokens": sum(len(s.completion) for s in batch),

@@ -220,11 +220,12 @@ def sample_nucleus(w, z, top_p: float, generator, k: int = 64):
     return tokens
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, device):
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    return ids, mask
+def pad(seqs: list, pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> ids and mask (N, longest), padded on the right, or on the left."""
+    width = max(len(s) for s in seqs)
+    padded = lambda s, x: [x] * (width - len(s)) + s if left else s + [x] * (width - len(s))
+    return (torch.tensor([padded(list(s), pad_id) for s in seqs]),
+            torch.tensor([padded([1] * len(s), 0) for s in seqs]))
 
 
 def common_prefix(prompts: list[list[int]]) -> int:
@@ -250,7 +251,8 @@ def generate(model, prompts: list[list[int]], G: int, max_new_tokens: int, tempe
         if n:
             model(torch.tensor([prompts[0][:n]], device=device), attention=prefill)
         # 2) each prompt's own tokens, left-padded; positions count real tokens only
-        ids, mask = left_pad([p[n:] for p in prompts], eos_id, device)  # (B, P - n)
+        ids, mask = pad([p[n:] for p in prompts], eos_id, left=True)  # (B, P - n)
+        ids, mask = ids.to(device), mask.to(device)
         pos = n + (mask.cumsum(-1) - 1).clamp(min=0)
         prefill.mask = own_tokens_mask(mask, n)
         h = model(ids, pos, prefill)
@@ -296,14 +298,8 @@ def collate(samples: list["Sample"], pad_id: int, device):
     prompts = list(dict.fromkeys(tuple(s.prompt) for s in samples))
     row_of = {p: i for i, p in enumerate(prompts)}
     prompt_row = torch.tensor([row_of[tuple(s.prompt)] for s in samples])
-
-    def right_pad(seqs):
-        width = max(len(s) for s in seqs)
-        return (torch.tensor([list(s) + [pad_id] * (width - len(s)) for s in seqs]),
-                torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]))
-
-    prompt_ids, prompt_mask = right_pad(prompts)
-    ids, mask = right_pad([s.completion for s in samples])
+    prompt_ids, prompt_mask = pad(prompts, pad_id)
+    ids, mask = pad([s.completion for s in samples], pad_id)
     targets = ids[mask.bool()]
     return tuple(t.to(device) for t in (prompt_ids, prompt_mask, prompt_row, ids, mask, targets))
 
@@ -341,13 +337,15 @@ class TokenLogprobs(torch.autograd.Function):
         return d_h, d_w, None, None
 
 
-def completion_logprobs(model, batch, temperature: float, grad_checkpoint: bool = False,
-                        chunk: int = 1024):
-    """Log-prob (T,) of each completion token at `temperature`, and the entropy (T,) at each (no
-    gradient). Each distinct prompt runs once, then every completion on top of its prompt
-    (grad_checkpoint: the completions' blocks are recomputed in backward). The vocabulary projection
-    runs only where a completion token is predicted, in chunks of `chunk` positions (SmolLM2: 1024 x
-    49k fp32 logits, 200 MB), recomputed in backward: memory holds at most one chunk of logits."""
+def completion_logprobs(model, samples: list["Sample"], pad_id: int, temperature: float,
+                        grad_checkpoint: bool = False, chunk: int = 1024):
+    """Log-prob (T,) of each completion token of `samples`, in order, at `temperature`, and the
+    entropy (T,) at each (no gradient). Each distinct prompt runs once, then every completion on top
+    of its prompt (grad_checkpoint: the completions' blocks are recomputed in backward). The
+    vocabulary projection runs only where a completion token is predicted, in chunks of `chunk`
+    positions (SmolLM2: 1024 x 49k fp32 logits, 200 MB), recomputed in backward: memory holds at
+    most one chunk of logits."""
+    batch = collate(samples, pad_id, model.lm_head.weight.device)
     prompt_ids, prompt_mask, prompt_row, ids, mask, targets = batch
     attention = PromptsThenCompletions(len(model.model.layers), prompt_mask, prompt_row, mask)
     h_prompt = model(prompt_ids, None, attention.prompts)  # (U, P, d), positions 0..P-1
@@ -518,26 +516,20 @@ def has_gradient(sample: Sample, beta: float) -> bool:
     return sample.advantage != 0 or beta > 0
 
 
-def minibatch_logprobs(model, minibatch: list[Sample], cfg: Config, pad_id: int, device,
-                       grad: bool) -> tuple[list, torch.Tensor]:
-    """Each sample's completion log-probs (with or without the graph), and the entropy at every
-    token (T,)."""
-    with torch.set_grad_enabled(grad):
-        batch = collate(minibatch, pad_id, device)
-        logp, entropy = completion_logprobs(model, batch, cfg.temperature,
-                                            grad and cfg.grad_checkpoint)
-    return list(logp.split([len(s.completion) for s in minibatch])), entropy
+def per_sample(logp: torch.Tensor, samples: list[Sample]) -> tuple[torch.Tensor, ...]:
+    """Token log-probs (T,) of `samples` cut into each sample's own."""
+    return logp.split([len(s.completion) for s in samples])
 
 
-def record_old_logprobs(model, minibatches: list[list[Sample]], cfg: Config, pad_id: int,
-                        device) -> None:
+@torch.no_grad()
+def record_old_logprobs(model, minibatches: list[list[Sample]], cfg: Config, pad_id: int) -> None:
     """Before any weight moves, each sample's old log-probs (the policy that sampled it) and, with
     the KL, its reference log-probs (LoRA off). The first optimizer step's minibatches get no old
     log-probs here: their own training pass is the old policy's (accumulate_gradients keeps it)."""
     trained = [[s for s in mb if has_gradient(s, cfg.beta)] for mb in minibatches]
     for s in (s for mb in minibatches for s in mb):
         s.old_logp = s.ref_logp = None
-    logprobs = lambda mb: minibatch_logprobs(model, mb, cfg, pad_id, device, grad=False)[0]
+    logprobs = lambda mb: per_sample(completion_logprobs(model, mb, pad_id, cfg.temperature)[0], mb)
     for mb in filter(None, trained[cfg.gradient_accumulation_steps:]):
         for s, logp in zip(mb, logprobs(mb)):
             s.old_logp = logp
@@ -548,8 +540,8 @@ def record_old_logprobs(model, minibatches: list[list[Sample]], cfg: Config, pad
                     s.ref_logp = logp
 
 
-def accumulate_gradients(model, step_batches: list[list[Sample]], cfg: Config, pad_id: int,
-                         device) -> tuple[float, list[float], torch.Tensor]:
+def accumulate_gradients(model, step_batches: list[list[Sample]], cfg: Config,
+                         pad_id: int) -> tuple[float, list[float], torch.Tensor]:
     """Forward + backward over the minibatches of one optimizer step, gradients adding up in .grad.
     A sample without old log-probs is on the policy that sampled it (the first optimizer step): its
     old log-probs are this pass's own, detached, and are kept for later epochs. Returns the step's
@@ -562,17 +554,18 @@ def accumulate_gradients(model, step_batches: list[list[Sample]], cfg: Config, p
         mb = [s for s in mb if has_gradient(s, cfg.beta)]
         if not mb:
             continue
-        logp, entropy = minibatch_logprobs(model, mb, cfg, pad_id, device, grad=True)
+        logp, entropy = completion_logprobs(model, mb, pad_id, cfg.temperature, cfg.grad_checkpoint)
         entropies.append(entropy)
-        for s, lp in zip(mb, logp):
+        logps = per_sample(logp, mb)
+        for s, lp in zip(mb, logps):
             if s.old_logp is None:
                 s.old_logp = lp.detach()
-        old_logp = torch.cat([s.old_logp for s in mb]).to(device)
-        ref_logp = torch.cat([s.ref_logp for s in mb]).to(device) if cfg.beta else None
-        adv = torch.cat([torch.full_like(lp, s.advantage) for s, lp in zip(mb, logp)])  # (T,)
-        weight = torch.cat([weight_of[s] for s in mb]).to(device, adv.dtype)
-        loss, clipped = ppo_loss(torch.cat(logp), old_logp, ref_logp, adv, weight, cfg.eps_low,
-                                 cfg.eps_high, cfg.beta)
+        old_logp = torch.cat([s.old_logp for s in mb])
+        ref_logp = torch.cat([s.ref_logp for s in mb]) if cfg.beta else None
+        adv = torch.cat([torch.full_like(lp, s.advantage) for s, lp in zip(mb, logps)])  # (T,)
+        weight = torch.cat([weight_of[s] for s in mb]).to(logp.device, adv.dtype)
+        loss, clipped = ppo_loss(logp, old_logp, ref_logp, adv, weight, cfg.eps_low, cfg.eps_high,
+                                 cfg.beta)
         loss.backward()
         total += loss.item()
         clip_fracs.append(clipped.mean().item())
@@ -603,8 +596,7 @@ def optimizer_step(optimizer, params: list, grad_clip: float) -> float:
     return norm
 
 
-def update(model, optimizer, buffer: list[Sample], cfg: Config, pad_id: int, generator,
-           device) -> dict:
+def update(model, optimizer, buffer: list[Sample], cfg: Config, pad_id: int, generator) -> dict:
     """ppo_epochs passes of shuffled minibatches over the buffer; an optimizer step every
     gradient_accumulation_steps minibatches (the last step of a pass may have fewer)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -622,15 +614,15 @@ def update(model, optimizer, buffer: list[Sample], cfg: Config, pad_id: int, gen
     # the base weights stay fixed all update long: packed once (rows: a layout hint, not a limit)
     with frozen_linears(model, rows=1024, training=True):
         minibatches = shuffled_minibatches(buffer, local_batch, generator)
-        record_old_logprobs(model, minibatches, cfg, pad_id, device)
+        record_old_logprobs(model, minibatches, cfg, pad_id)
         bar = ddp.progress(total=cfg.ppo_epochs * len(minibatches), desc="update")
         for epoch in range(cfg.ppo_epochs):
             if epoch > 0:
                 minibatches = shuffled_minibatches(buffer, local_batch, generator)
             for i in range(0, len(minibatches), accum):
                 step_batches = minibatches[i:i + accum]
-                loss, clip_fracs, token_entropy = accumulate_gradients(
-                    model, step_batches, cfg, pad_id, device)
+                loss, clip_fracs, token_entropy = accumulate_gradients(model, step_batches, cfg,
+                                                                       pad_id)
                 entropy += torch.tensor([token_entropy.sum().item(), len(token_entropy)],
                                         dtype=torch.float64)
                 stats["lr"] = warmup_lr(optimizer, params, cfg.learning_rate, cfg.warmup_steps)
@@ -760,7 +752,7 @@ def main(cfg: Config):
                                                   desc=f"rollout {step + 1}")
         sample_s = time.time() - t0
         # 2) update the policy on minibatches of the buffer
-        stats = update(model, optimizer, buffer, cfg, pad_id, generator, device)
+        stats = update(model, optimizer, buffer, cfg, pad_id, generator)
         step += 1
         # 3) log the step (and evaluate)
         sampled_stats = report.sample_stats(ddp.gather([s.row() for s in sampled]))

@@ -321,15 +321,14 @@ def to_sample(tok, ex: dict) -> grpo.Sample:
     return grpo.Sample(prompt=reward.encode_prompt(tok, ex["question"]), completion=response)
 
 
-def sft_loss(model, samples: list[grpo.Sample], weights: torch.Tensor, pad_id: int,
-             device) -> torch.Tensor:
+def sft_loss(model, samples: list[grpo.Sample], weights: torch.Tensor,
+             pad_id: int) -> torch.Tensor:
     """Weighted negative log-likelihood of the completion tokens only; prompts carry no loss."""
-    logp, _ = grpo.completion_logprobs(model, grpo.collate(samples, pad_id, device),
-                                       temperature=1.0)
-    return -(logp * weights.to(device, logp.dtype)).sum()
+    logp, _ = grpo.completion_logprobs(model, samples, pad_id, temperature=1.0)
+    return -(logp * weights.to(logp.device, logp.dtype)).sum()
 
 
-def train(model, tok, samples: list[grpo.Sample], cfg: SFTConfig, device):
+def train(model, tok, samples: list[grpo.Sample], cfg: SFTConfig):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps
@@ -349,8 +348,7 @@ def train(model, tok, samples: list[grpo.Sample], cfg: SFTConfig, device):
                 loss = 0.0
                 for j in range(0, len(step), cfg.batch_size):
                     mb = step[j:j + cfg.batch_size]
-                    part = sft_loss(model, mb, torch.cat(weights[j:j + len(mb)]), tok.eos_token_id,
-                                    device)
+                    part = sft_loss(model, mb, torch.cat(weights[j:j + len(mb)]), tok.eos_token_id)
                     part.backward()
                     loss += part.item()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -408,7 +406,7 @@ def main(cfg: SFTConfig):
         log.write(json.dumps({"stage": "before", **before}) + "\n")
     grpo.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
     t0 = time.time()
-    losses, optimizer = train(model, tok, [to_sample(tok, ex) for ex in examples], cfg, device)
+    losses, optimizer = train(model, tok, [to_sample(tok, ex) for ex in examples], cfg)
     train_s = time.time() - t0
     # saved before the eval: a crash there loses no training
     ckpt = os.path.join(cfg.out_dir, "ckpt.pt")

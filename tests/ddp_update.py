@@ -30,8 +30,7 @@ buffer = [grpo.Sample(prompts[i // 4], c, advantage=float(torch.randn(1, generat
 cfg = dataclasses.replace(grpo.Config(), batch_size=4, gradient_accumulation_steps=2,
                           max_new_tokens=10, loss_agg=sys.argv[2], learning_rate=1e-2)
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
-stats = grpo.update(model, opt, buffer[rank::world], cfg, EOS, torch.Generator().manual_seed(rank),
-                    "cpu")
+stats = grpo.update(model, opt, buffer[rank::world], cfg, EOS, torch.Generator().manual_seed(rank))
 assert stats["optimizer_steps"] == 1
 if rank == 0:
     torch.save(grpo.trainable_state_dict(model), sys.argv[1])

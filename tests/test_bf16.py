@@ -58,13 +58,12 @@ def test_bf16_log_probs_and_lora_gradients_match_float64():
     # fp32 master weights
     assert {p.dtype for p in m16.parameters() if p.requires_grad} == {torch.float32}
     buffer = make_buffer(m64)
-    batch = grpo.collate(buffer, EOS, "cpu")
     with torch.no_grad():
-        lp16, lp64 = (grpo.completion_logprobs(m, batch, 0.7)[0] for m in (m16, m64))
+        lp16, lp64 = (grpo.completion_logprobs(m, buffer, EOS, 0.7)[0] for m in (m16, m64))
     assert lp16.dtype == torch.float32 and (lp16.double() - lp64).abs().max() < 0.03
 
     def grads(m):
-        grpo.accumulate_gradients(m, [on_policy(buffer)], cfg_for(), EOS, "cpu")
+        grpo.accumulate_gradients(m, [on_policy(buffer)], cfg_for(), EOS)
         return torch.cat([p.grad.double().flatten() for p in m.parameters() if p.requires_grad])
 
     g16, g64 = grads(m16), grads(m64)
@@ -98,8 +97,7 @@ def test_a_bf16_update_runs_and_changes_only_lora_weights():
     cfg = cfg_for(batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3, warmup_steps=0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                             lr=cfg.learning_rate)
-    stats = grpo.update(model, opt, make_buffer(model), cfg, EOS, torch.Generator().manual_seed(0),
-                        "cpu")
+    stats = grpo.update(model, opt, make_buffer(model), cfg, EOS, torch.Generator().manual_seed(0))
     assert stats["optimizer_steps"] == 2 and stats["grad_norm"] > 0 and stats["skipped_steps"] == 0
 
 

@@ -32,7 +32,7 @@ def greedy_full_recompute(model, prompt, max_new_tokens):
 
 
 def hf_generate_greedy(model, prompts, max_new_tokens):
-    ids, mask = grpo.left_pad(prompts, EOS, "cpu")
+    ids, mask = grpo.pad(prompts, EOS, left=True)
     out = hf_twin(model).generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                   do_sample=False,
                          eos_token_id=EOS, pad_token_id=EOS)[:, ids.shape[1]:]
@@ -209,7 +209,7 @@ def test_completion_logprobs_equal_log_softmax_of_full_logits(kind):
     batch = grpo.collate(buffer, EOS, "cpu")
     assert len(batch[0]) == len(PROMPTS) < len(buffer)  # each prompt runs once
     # several small chunks
-    ours, entropy = grpo.completion_logprobs(model, batch, temperature=0.7, chunk=5)
+    ours, entropy = grpo.completion_logprobs(model, buffer, EOS, temperature=0.7, chunk=5)
     ids, mask, predicts, targets = padded_sequences(buffer)
     full = (hf_twin(model)(input_ids=ids,
                            attention_mask=mask).logits / 0.7).log_softmax(-1)[predicts]
@@ -257,7 +257,7 @@ def test_the_ratio_is_exactly_one_until_the_policy_moves(learning_rate, monkeypa
     calls = record_ppo_loss(monkeypatch)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                             lr=cfg.learning_rate)
-    grpo.update(model, opt, make_buffer(model), cfg, EOS, torch.Generator().manual_seed(0), "cpu")
+    grpo.update(model, opt, make_buffer(model), cfg, EOS, torch.Generator().manual_seed(0))
     assert len(calls) == 3  # 12 samples: three minibatches, three optimizer steps
     assert torch.equal(calls[0][0], calls[0][1])
     for logp, old in calls[1:]:
@@ -271,9 +271,8 @@ def test_the_first_step_keeps_its_own_log_probs_as_the_old_ones_for_later_epochs
     minibatches = grpo.shuffled_minibatches(make_buffer(model), cfg.batch_size,
                                             torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected, _ = grpo.completion_logprobs(model, grpo.collate(minibatches[0], EOS, "cpu"),
-                                               cfg.temperature)
-    grpo.accumulate_gradients(model, minibatches[:1], cfg, EOS, "cpu")
+        expected, _ = grpo.completion_logprobs(model, minibatches[0], EOS, cfg.temperature)
+    grpo.accumulate_gradients(model, minibatches[:1], cfg, EOS)
     assert all(s.old_logp is not None for s in minibatches[0])
     assert all(s.old_logp is None for mb in minibatches[1:] for s in mb)
     assert torch.equal(torch.cat([s.old_logp for s in minibatches[0]]), expected)
@@ -301,7 +300,7 @@ def test_training_through_packed_base_weights_gives_the_same_loss_and_gradient()
                 frozen = [m.base for m in model.modules() if isinstance(m, grpo.LoRALinear)]
                 assert all(isinstance(f, packed.FrozenLinear) for f in frozen)
                 assert all(f.packed_t is not None for f in frozen) == packed.packing_works()
-            loss, _, _ = grpo.accumulate_gradients(model, [on_policy(buffer)], cfg, EOS, "cpu")
+            loss, _, _ = grpo.accumulate_gradients(model, [on_policy(buffer)], cfg, EOS)
         return loss, [p.grad.clone() for p in params]
 
     plain_loss, plain = grads(False)
@@ -357,7 +356,7 @@ def test_grad_accumulation_matches_big_batch_and_the_naive_loss(loss_agg):
         s.advantage = 0.0
     cfg = cfg_for(loss_agg=loss_agg)
     with torch.no_grad():  # the old policy
-        logp, _ = grpo.completion_logprobs(model, grpo.collate(buffer, EOS, "cpu"), cfg.temperature)
+        logp, _ = grpo.completion_logprobs(model, buffer, EOS, cfg.temperature)
     for s, old_logp in zip(buffer, logp.split([len(s.completion) for s in buffer])):
         s.old_logp = old_logp
     with torch.no_grad():  # move the policy so that ratios differ from 1 and some get clipped
@@ -368,7 +367,7 @@ def test_grad_accumulation_matches_big_batch_and_the_naive_loss(loss_agg):
 
     def grads(step_batches):
         model.zero_grad()
-        grpo.accumulate_gradients(model, step_batches, cfg, EOS, "cpu")
+        grpo.accumulate_gradients(model, step_batches, cfg, EOS)
         return [p.grad.clone() for p in params]
 
     rows = []  # sequences the model actually runs
@@ -401,7 +400,7 @@ def test_the_kl_term_takes_the_model_with_lora_off_as_reference_and_matches_the_
         s.advantage = 0.0
     cfg = cfg_for(beta=0.5, gradient_accumulation_steps=2, batch_size=4)
     minibatches = [buffer[i:i + 4] for i in range(0, len(buffer), 4)]
-    grpo.record_old_logprobs(model, minibatches, cfg, EOS, "cpu")
+    grpo.record_old_logprobs(model, minibatches, cfg, EOS)
     with torch.no_grad(), grpo.lora_disabled(model):
         for s in buffer:
             assert torch.allclose(s.ref_logp, naive_logprobs(model, s, cfg.temperature),
@@ -409,7 +408,7 @@ def test_the_kl_term_takes_the_model_with_lora_off_as_reference_and_matches_the_
     assert [s.old_logp is None for s in buffer] == [True] * 8 + [False] * 4  # first step's own
     params = [p for p in model.parameters() if p.requires_grad]
     model.zero_grad()
-    grpo.accumulate_gradients(model, minibatches[:2], cfg, EOS, "cpu")
+    grpo.accumulate_gradients(model, minibatches[:2], cfg, EOS)
     ours = [p.grad.clone() for p in params]
     model.zero_grad()
     naive_loss(model, buffer[:8], cfg).backward()
@@ -524,7 +523,7 @@ def test_update_changes_only_lora_weights_and_reports_stats():
     cfg = cfg_for(batch_size=4, gradient_accumulation_steps=2, ppo_epochs=2, learning_rate=1e-2)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                             lr=cfg.learning_rate)
-    stats = grpo.update(model, opt, buffer, cfg, EOS, torch.Generator().manual_seed(0), "cpu")
+    stats = grpo.update(model, opt, buffer, cfg, EOS, torch.Generator().manual_seed(0))
     # 12 samples = 3 minibatches -> steps of 2 + 1, two epochs
     assert stats["optimizer_steps"] == 2 * 2
     assert 0 <= stats["clip_frac"] <= 1 and stats["grad_norm"] > 0
@@ -580,7 +579,7 @@ def test_gradient_checkpointing_gives_the_same_gradient():
         calls = []  # block forward passes: the completion pass runs each block again in backward
         for block in model.model.layers:
             block.register_forward_pre_hook(lambda m, a: calls.append(1))
-        grpo.accumulate_gradients(model, [buffer], cfg, EOS, "cpu")
+        grpo.accumulate_gradients(model, [buffer], cfg, EOS)
         # 2 blocks x (prompts, completions, recompute)
         assert len(calls) == 2 * 3 if checkpointing else 2 * 2
         return [p.grad for p in model.parameters() if p.requires_grad]

@@ -36,7 +36,7 @@ def test_greedy_sampler_matches_generate_on_the_real_model(real_model):
     model, tok = real_model
     prompts = [reward.encode_prompt(tok, q) for q in QUESTIONS]
     ours, truncated = grpo.generate(model, prompts, 1, 40, 0.0, 1.0, tok.eos_token_id)
-    ids, mask = grpo.left_pad(prompts, tok.eos_token_id, "cpu")
+    ids, mask = grpo.pad(prompts, tok.eos_token_id, left=True)
     out = to_hf(model).generate(input_ids=ids, attention_mask=mask, max_new_tokens=40,
                                   do_sample=False, eos_token_id=tok.eos_token_id,
                                   pad_token_id=tok.eos_token_id)[:, ids.shape[1]:].tolist()

@@ -90,7 +90,7 @@ def test_a_buffer_without_signal_or_with_nan_makes_no_update(advantages, reason)
     before = {k: v.clone() for k, v in grpo.trainable_state_dict(model).items()}
     cfg = dataclasses.replace(grpo.Config(), batch_size=4, gradient_accumulation_steps=1,
                               max_new_tokens=6)
-    stats = grpo.update(model, opt, buffer, cfg, EOS, torch.Generator().manual_seed(0), "cpu")
+    stats = grpo.update(model, opt, buffer, cfg, EOS, torch.Generator().manual_seed(0))
     assert stats["optimizer_steps"] == 0
     assert stats["skipped_steps"] == (1 if reason == "nan" else 0)
     for k, v in grpo.trainable_state_dict(model).items():

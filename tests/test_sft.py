@@ -20,7 +20,7 @@ def test_prompt_tokens_carry_no_loss():
     model = tiny_model("llama")
     samples = [grpo.Sample([1, 5, 9, 17], [40, 41, EOS]), grpo.Sample([1, 3], [7, 8, 9, 10, EOS])]
     weights = torch.cat(grpo.token_weights(samples, "token", 0))
-    ours = sft.sft_loss(model, samples, weights, EOS, "cpu")
+    ours = sft.sft_loss(model, samples, weights, EOS)
     # reference: cross-entropy over the padded batch with prompt and padding labels ignored (-100)
     ids, mask, _, _ = padded_sequences(samples)
     labels = torch.full_like(ids, -100)
