@@ -93,10 +93,8 @@ def measure(args: BenchConfig, device: str, dtype: torch.dtype, why: str) -> dic
     hf = to_hf(model).to(device)  # transformers' own model and generate, on the same weights
     run_hf = lambda: hf.generate(
         input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature,
-                                 top_p=cfg.top_p, top_k=0,
-        num_return_sequences=cfg.G, max_new_tokens=cfg.max_new_tokens,
-                                 min_new_tokens=cfg.max_new_tokens,
-        pad_token_id=tok.eos_token_id)
+        top_p=cfg.top_p, top_k=0, num_return_sequences=cfg.G, max_new_tokens=cfg.max_new_tokens,
+        min_new_tokens=cfg.max_new_tokens, pad_token_id=tok.eos_token_id)
     with torch.no_grad():
         grpo.generate(model, prompts[:1], 1, 4, 1.0, 1.0, tok.eos_token_id)  # warm-ups
         hf.generate(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=4,
