@@ -355,7 +355,7 @@ def completion_logprobs(model, samples: list["Sample"], pad_id: int, temperature
     # completion token t is predicted at completion position t - 1; token 0 at the prompt's last
     first = h_prompt[prompt_row, prompt_len - 1]  # (N, d)
     h = torch.cat([first[:, None], h[:, :-1]], 1)[mask.bool()]  # (T, d)
-    w = model.lm_head.weight
+    w = upcast(model.lm_head.weight)  # one fp32 copy for every chunk, forward and backward
     chunks = [TokenLogprobs.apply(h[i:i + chunk], w, targets[i:i + chunk], temperature)
               for i in range(0, h.shape[0], chunk)]
     return torch.cat([logp for logp, _ in chunks]), torch.cat([entropy for _, entropy in chunks])
