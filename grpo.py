@@ -144,7 +144,7 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.enabled:
             lora = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-            y = y + lora * self.scale
+            y = torch.add(y, lora, alpha=self.scale)  # y + scale * lora in one pass
         return y
 
     @torch.no_grad()
