@@ -142,8 +142,10 @@ def chain_response(entry: dict) -> str | None:
 
 
 def equation_response(entry: dict) -> str | None:
-    """simple_equations with one variable term: subtract (or add) each constant on both sides, then
-    divide both sides by the coefficient."""
+    """simple_equations with one variable term: each constant undone on both sides, then both sides
+    divided by the coefficient. Each line says how the constant stands before the step it calls for
+    ("The 4 is subtracted, so add 4"): the choice between adding and subtracting then follows the
+    words just written."""
     m = entry["metadata"]
     lhs, rhs = m["equation"].split(" = ")
     x, terms = m["variable"], lhs.replace(" - ", " + -").split(" + ")
@@ -157,9 +159,12 @@ def equation_response(entry: dict) -> str | None:
     value, lines, side = int(rhs), [], var[0]
     for c in consts:
         new = value - c
-        step = f"Subtract {c} from" if c > 0 else f"Add {-c} to"
+        if c > 0:
+            step = f"The {c} is added, so subtract {c} from both sides"
+        else:
+            step = f"The {-c} is subtracted, so add {-c} to both sides"
         sign = "-" if c > 0 else "+"
-        lines.append(f"{step} both sides: {side} = {value} {sign} {abs(c)} = {new}")
+        lines.append(f"{step}: {side} = {value} {sign} {abs(c)} = {new}")
         value = new
     if coef != 1:
         lines.append(f"Divide both sides by {coef}: {x} = {value} / {coef} = {value // coef}")

@@ -133,12 +133,14 @@ def test_worked_solutions_from_metadata_show_the_procedure_and_are_verified(task
 def test_worked_equation_steps_are_the_inverse_operations():
     entry = {"answer": "13", "metadata": {"source_dataset": "simple_equations",
                                           "equation": "9 - 15*e = -186", "variable": "e"}}
-    assert sft.equation_response(entry) == ("Subtract 9 from both sides: -15*e = -186 - 9 = "
-                                            "-195\nDivide both sides by -15: e = -195 / -15 = 13")
+    assert sft.equation_response(entry) == ("The 9 is added, so subtract 9 from both sides: "
+                                            "-15*e = -186 - 9 = -195\nDivide both sides by -15: "
+                                            "e = -195 / -15 = 13")
     minus = {"answer": "7", "metadata": {"source_dataset": "simple_equations",
                                          "equation": "3*y - 4 = 17", "variable": "y"}}
-    assert sft.equation_response(minus) == ("Add 4 to both sides: 3*y = 17 + 4 = 21\n"
-                                            "Divide both sides by 3: y = 21 / 3 = 7")
+    assert sft.equation_response(minus) == ("The 4 is subtracted, so add 4 to both sides: "
+                                            "3*y = 17 + 4 = 21\nDivide both sides by 3: "
+                                            "y = 21 / 3 = 7")
     chain = {"answer": "14", "metadata": {"source_dataset": "chain_sum",
                                           "expression": "12 + 7 - 5"}}
     assert sft.chain_response(chain) == "12 + 7 = 19\n19 - 5 = 14"
