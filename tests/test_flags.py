@@ -229,7 +229,7 @@ def test_the_quick_start_recipe_is_the_command_its_results_came_from():
                   "--temperature", "1.0", "--learning_rate", "1e-4"]
     assert (flags.parse_config(grpo.Config, ["--config", path], program="grpo")
             == flags.parse_config(grpo.Config, grpo_flags, program="grpo"))
-    sft_flags = ["--task", task, "--n_examples", "128", "--epochs", "1", "--no-eval_before",
+    sft_flags = ["--task", task, "--n_examples", "256", "--epochs", "1", "--no-eval_before",
                  "--no-eval_after"]
     assert (flags.parse_config(sft.SFTConfig, ["--config", path], program="sft")
             == flags.parse_config(sft.SFTConfig, sft_flags, program="sft"))
