@@ -161,9 +161,10 @@ def equation_response(entry: dict) -> str | None:
         new = value - c
         if c > 0:
             step = f"The {c} is added, so subtract {c} from both sides"
+            sign = "-"
         else:
             step = f"The {-c} is subtracted, so add {-c} to both sides"
-        sign = "-" if c > 0 else "+"
+            sign = "+"
         lines.append(f"{step}: {side} = {value} {sign} {abs(c)} = {new}")
         value = new
     if coef != 1:
