@@ -775,7 +775,7 @@ def main(cfg: Config):
         if step % cfg.save_interval == 0 or step == cfg.max_steps or stopping or stalled:
             run.save_checkpoint(trainable_state_dict(model), optimizer, cfg, step=step,
                                 questions=questions, generator=generator, pool=pool,
-                                eval_start=start_verdicts)
+                                start_verdicts=start_verdicts)
         if stalled:
             fail(stalled)  # one line, exit 2: the checkpoint and the log stay valid
         if stopping:

@@ -128,7 +128,9 @@ class Attention(nn.Module):
         if config.model_type == "qwen3":  # Qwen3 normalizes each head's query and key
             self.q_norm = RMSNorm(D, config.rms_norm_eps)
             self.k_norm = RMSNorm(D, config.rms_norm_eps)
-        self.head_dim, self.sizes, self.qkv = D, (H * D, KV * D, KV * D), None
+        self.head_dim = D
+        self.sizes = (H * D, KV * D, KV * D)  # q, k, v in a fused product
+        self.qkv = None  # the fused product, set while sampling (packed.frozen_linears)
 
     def forward(self, x, cos, sin, attention, layer: int):
         B, T, _ = x.shape
@@ -292,7 +294,9 @@ class Prefill:
     the prefix."""
 
     def __init__(self, n_layers: int):
-        self.k, self.v, self.mask = [None] * n_layers, [None] * n_layers, None
+        self.k = [None] * n_layers
+        self.v = [None] * n_layers
+        self.mask = None
 
     def __call__(self, layer, q, k, v):
         if self.k[layer] is not None:  # the prompts' own tokens, after the prefix's keys
@@ -350,21 +354,25 @@ class DecodeCache:
 
 class PromptsThenCompletions:
     """Attention of the training pass. `prompts`: the minibatch's distinct prompts (U rows), keeping
-    every layer's keys and values; `completions`: each completion reads its prompt's (row `which`;
-    the gradient flows back through them), then its own. The completion pass only reads, so a
-    checkpointed block recomputed in backward sees exactly the keys it saw the first time."""
+    every layer's keys and values; `completions`: each completion reads its prompt's (row
+    `prompt_row`; the gradient flows back through them), then its own. The completion pass only
+    reads, so a checkpointed block recomputed in backward sees exactly the keys it saw the first
+    time."""
 
-    def __init__(self, n_layers: int, prompt_mask, which, mask):
-        self.k, self.v, self.which = [None] * n_layers, [None] * n_layers, which
+    def __init__(self, n_layers: int, prompt_mask, prompt_row, mask):
+        self.k = [None] * n_layers
+        self.v = [None] * n_layers
+        self.prompt_row = prompt_row  # (N,): each completion's prompt
         self.prompt_mask = own_tokens_mask(prompt_mask)  # (U, 1, P, P)
         self.completion_mask = own_tokens_mask(mask, prompt_mask.shape[1])  # (N, 1, C, P + C)
-        self.completion_mask[..., :prompt_mask.shape[1]] &= prompt_mask[which].bool()[:, None, None]
+        prompt_visible = prompt_mask[prompt_row].bool()[:, None, None]  # (N, 1, 1, P)
+        self.completion_mask[..., :prompt_mask.shape[1]] &= prompt_visible
 
     def prompts(self, layer, q, k, v):
         self.k[layer], self.v[layer] = k, v
         return sdpa(q, k, v, self.prompt_mask)
 
     def completions(self, layer, q, k, v):
-        k = torch.cat([self.k[layer][self.which], k], 2)
-        v = torch.cat([self.v[layer][self.which], v], 2)
+        k = torch.cat([self.k[layer][self.prompt_row], k], 2)
+        v = torch.cat([self.v[layer][self.prompt_row], v], 2)
         return sdpa(q, k, v, self.completion_mask)

@@ -61,7 +61,10 @@ class FrozenLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias, rows: int, grad: bool = False):
         super().__init__()
-        self.weight, self.bias, self.packed, self.packed_t = weight, bias, None, None
+        self.weight = weight
+        self.bias = bias
+        self.packed = None  # the weight in oneDNN's layout, for x @ W^T
+        self.packed_t = None  # W^T packed too, for the gradient of x (grad=True)
         if weight.device.type == "cpu" and packing_works(weight.dtype):
             self.packed = pack(weight, rows)
             self.packed_t = pack(weight.t().contiguous(), rows) if grad else None
@@ -75,17 +78,21 @@ class FrozenLinear(nn.Module):
         return packed_linear(x, self.packed, self.bias)
 
 
+def is_lora(module: nn.Module) -> bool:
+    """A LoRA layer (grpo.LoRALinear: .base, .enabled, .merged_weight()), told by what it offers:
+    this module cannot import grpo.py, which imports it."""
+    return hasattr(module, "merged_weight")
+
+
 def frozen_weight(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weight and bias of an nn.Linear, or of a LoRA layer (one with .base and .merged_weight())
-    with its adapter merged in unless it is switched off."""
-    lora = hasattr(layer, "merged_weight")
-    if not lora:
-        weight = layer.weight
+    """The weight and bias of an nn.Linear, or of a LoRA layer with its adapter merged in unless it
+    is switched off."""
+    if not is_lora(layer):
+        weight, bias = layer.weight, layer.bias
     elif layer.enabled:
-        weight = layer.merged_weight()
+        weight, bias = layer.merged_weight(), layer.base.bias
     else:
-        weight = layer.base.weight
-    bias = (layer.base if lora else layer).bias
+        weight, bias = layer.base.weight, layer.base.bias
     return weight.detach(), None if bias is None else bias.detach()
 
 
@@ -107,17 +114,21 @@ def frozen_linears(model: nn.Module, rows: int, training: bool = False):
     multiply as one product, set as that attribute. Training: the frozen base of each LoRA layer
     does (gradients still flow to its input); the adapter trains as before. The original layers are
     put back on exit, the adapter untouched."""
-    fusions = [] if training else [(m, name, [getattr(m,
-                                                      p) for p in parts]) for m in model.modules()
-                                   for name, parts in getattr(m, "fused", {}).items()]
-    in_fusion = {id(layer) for _, _, layers in fusions for layer in layers}
+    fusions = []  # (module, attribute, the layers whose product it holds)
+    swaps = []  # (parent, attribute, the layer a FrozenLinear stands in for)
     if training:
-        swaps = [(m, "base", m.base) for m in model.modules() if hasattr(m, "merged_weight")]
+        swaps = [(m, "base", m.base) for m in model.modules() if is_lora(m)]
     else:
-        swaps = [(parent, name, child) for parent in model.modules()
-                 if not hasattr(parent, "merged_weight")
-                 for name, child in parent.named_children() if id(child) not in in_fusion
-                 and (isinstance(child, nn.Linear) or hasattr(child, "merged_weight"))]
+        for m in model.modules():
+            for name, parts in getattr(m, "fused", {}).items():
+                fusions.append((m, name, [getattr(m, part) for part in parts]))
+        in_fusion = {id(layer) for _, _, layers in fusions for layer in layers}
+        for parent in model.modules():
+            if is_lora(parent):  # the LoRA layer itself is swapped, not its base
+                continue
+            for name, child in parent.named_children():
+                if id(child) not in in_fusion and (isinstance(child, nn.Linear) or is_lora(child)):
+                    swaps.append((parent, name, child))
     for parent, name, child in swaps:
         setattr(parent, name, FrozenLinear(*frozen_weight(child), rows, grad=training))
     for m, name, layers in fusions:

@@ -185,13 +185,13 @@ class Run:
                     f.writelines(json.dumps(r) + "\n" for r in rows)
 
     def save_checkpoint(self, weights: dict, optimizer, cfg, step: int, questions, generator,
-                        pool=None, eval_start=None) -> None:
+                        pool=None, start_verdicts=None) -> None:
         if self.write:
             os.makedirs(self.out_dir, exist_ok=True)
             with writing(self.ckpt_path):
                 save_checkpoint(self.ckpt_path, weights, optimizer, cfg, step=step,
                                 data_index=questions.index, generator=generator, pool=pool,
-                                eval_start=eval_start)
+                                start_verdicts=start_verdicts)
 
 
 def tracker(name: str, out_dir: str, config: dict):
@@ -239,12 +239,12 @@ def read_rows(path: str) -> tuple[list[dict], bool]:
 
 
 def save_checkpoint(path: str, weights: dict, optimizer, cfg, step: int, data_index: int, generator,
-                    pool=None, eval_start=None) -> None:
-    """weights: what trains (grpo.trainable_state_dict). eval_start: each held-out question's greedy
-    verdict at step 0, which later evals are paired with."""
+                    pool=None, start_verdicts=None) -> None:
+    """weights: what trains (grpo.trainable_state_dict). start_verdicts: each held-out question's
+    greedy verdict at step 0, which later evals are paired with."""
     ckpt = {"step": step, "config": dataclasses.asdict(cfg), "model": weights,
             "optimizer": optimizer.state_dict(), "data_index": data_index,
-            "pool": pool and pool.state_dict(), "eval_start": eval_start,
+            "pool": pool and pool.state_dict(), "start_verdicts": start_verdicts,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "generator": generator.get_state()}}
     torch.save(ckpt, path + ".tmp")
@@ -296,7 +296,7 @@ def restore(ckpt: dict, optimizer, questions, pool, generator, rank: int) -> tup
         generator.set_state(ckpt["rng"]["generator"])
     else:
         generator.manual_seed(ckpt["config"]["seed"] + rank + 1000 * ckpt["step"])
-    return ckpt["step"], ckpt.get("eval_start")
+    return ckpt["step"], ckpt.get("start_verdicts")
 
 
 class StopOnSignal:

@@ -185,7 +185,9 @@ class Questions:
     read (a checkpoint keeps it, so --resume goes on where the run was)."""
 
     def __init__(self, task, held_out: set, index: int = 0):
-        self.task, self.held_out, self.index = task, held_out, index
+        self.task = task
+        self.held_out = held_out
+        self.index = index
 
     def next(self) -> dict:
         skipped = 0

@@ -189,10 +189,10 @@ def test_top_p_widens_past_64_candidates_when_the_nucleus_is_wide():
 def test_collate_runs_each_prompt_once_and_masks_exactly_the_completion():
     samples = [grpo.Sample([1, 5, 9], [7, EOS]), grpo.Sample([1], [4, 4, 4, 4, EOS]),
                grpo.Sample([1, 5, 9], [EOS])]
-    prompt_ids, prompt_mask, which, ids, mask, targets = grpo.collate(samples, EOS, "cpu")
+    prompt_ids, prompt_mask, prompt_row, ids, mask, targets = grpo.collate(samples, EOS, "cpu")
     assert prompt_ids.tolist() == [[1, 5, 9], [1, EOS, EOS]]
     assert prompt_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert which.tolist() == [0, 1, 0]
+    assert prompt_row.tolist() == [0, 1, 0]
     assert ids.tolist() == [[7, EOS, EOS, EOS, EOS], [4, 4, 4, 4, EOS], [EOS, EOS, EOS, EOS, EOS]]
     # the mask comes from lengths: EOS is trained on though EOS == pad
     assert mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
