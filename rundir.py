@@ -296,7 +296,8 @@ def restore(ckpt: dict, optimizer, questions, pool, generator, rank: int) -> tup
         generator.set_state(ckpt["rng"]["generator"])
     else:
         generator.manual_seed(ckpt["config"]["seed"] + rank + 1000 * ckpt["step"])
-    return ckpt["step"], ckpt.get("start_verdicts")
+    # checkpoints written before the key was named start_verdicts keep them as eval_start
+    return ckpt["step"], ckpt.get("start_verdicts", ckpt.get("eval_start"))
 
 
 class StopOnSignal:

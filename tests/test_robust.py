@@ -3,17 +3,20 @@ input."""
 import dataclasses
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
 
 import flags
 import grpo
+import rundir
 from conftest import EOS, ROOT, expect_usage_error, small_config, tiny_model
 
 TIMING = {"step_s", "sample_s", "tokens_per_s", "sample_tokens_per_s"}
@@ -339,3 +342,18 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_last_on
     assert err.strip().splitlines()[-1].startswith("error: could not write")
     assert "No space left on device" in err
     assert (out / "ckpt.pt").read_bytes() == last and not (out / "ckpt.pt.tmp").exists()
+
+
+def test_resume_pairs_with_step_0_verdicts_under_either_checkpoint_key():
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([param])
+    generator = torch.Generator()
+    ckpt = {"step": 2, "config": {"seed": 0}, "optimizer": optimizer.state_dict(), "data_index": 7,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "generator": generator.get_state()}}
+    for key in ("start_verdicts", "eval_start"):  # eval_start: checkpoints of earlier code
+        questions = types.SimpleNamespace(index=0)
+        restored = rundir.restore({**ckpt, key: [True, False]}, optimizer, questions, None,
+                                  generator, rank=0)
+        assert restored == (2, [True, False]) and questions.index == 7
+    assert rundir.restore(ckpt, optimizer, questions, None, generator, rank=0) == (2, None)
