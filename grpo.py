@@ -223,7 +223,11 @@ def sample_nucleus(w, z, top_p: float, generator, k: int = 64):
 def pad(seqs: list, pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> ids and mask (N, longest), padded on the right, or on the left."""
     width = max(len(s) for s in seqs)
-    padded = lambda s, x: [x] * (width - len(s)) + s if left else s + [x] * (width - len(s))
+
+    def padded(row: list, fill: int) -> list:
+        extra = [fill] * (width - len(row))
+        return extra + row if left else row + extra
+
     return (torch.tensor([padded(list(s), pad_id) for s in seqs]),
             torch.tensor([padded([1] * len(s), 0) for s in seqs]))
 
@@ -374,7 +378,7 @@ class Sample:
     question: str = ""
     text: str = ""  # the completion, decoded
     truncated: bool = False
-    scores: dict = field(default_factory=dict)  # reward.score_group's: reward, correct, format, ...
+    scores: dict = field(default_factory=dict)  # reward.add_rewards': reward, correct, format, ...
     old_logp: torch.Tensor | None = None  # per token, under the policy that sampled it
     ref_logp: torch.Tensor | None = None  # per token, under the base model (the KL's reference)
 
@@ -404,14 +408,13 @@ def rollout(model, tok, entries: list[dict], score_fn, cfg: Config, generator,
     lengths = [len(c) for c in completions]
     groups = [range(b * cfg.G, (b + 1) * cfg.G) for b in range(len(entries))]  # each entry's rows
     rates = pass_rates or [None] * len(entries)
-    scores = [reward.score_group([texts[i] for i in rows], [lengths[i] for i in rows], entry,
-                                 score_fn, cfg, rate)
-              for entry, rows, rate in zip(entries, groups, rates)]
+    parts = [[reward.score_completion(texts[i], entry, score_fn, cfg.partial_credit, cfg.check_work)
+              for i in rows] for entry, rows in zip(entries, groups)]
     if cfg.random_reward:  # the control: the verifier's verdicts replaced by coins
         coins = torch.rand(len(texts), generator=generator, device=generator.device).tolist()
-        reward.random_correctness(scores, coins)
-        for group, rows, rate in zip(scores, groups, rates):
-            reward.add_rewards(group, [lengths[i] for i in rows], cfg, rate)
+        reward.random_correctness(parts, coins)
+    scores = [reward.add_rewards(group, [lengths[i] for i in rows], cfg, rate)
+              for group, rows, rate in zip(parts, groups, rates)]
     samples = []
     for entry, prompt, rows, group in zip(entries, prompts, groups, scores):
         rewards = torch.tensor([[s["reward"] for s in group]])
@@ -529,7 +532,10 @@ def record_old_logprobs(model, minibatches: list[list[Sample]], cfg: Config, pad
     trained = [[s for s in mb if has_gradient(s, cfg.beta)] for mb in minibatches]
     for s in (s for mb in minibatches for s in mb):
         s.old_logp = s.ref_logp = None
-    logprobs = lambda mb: per_sample(completion_logprobs(model, mb, pad_id, cfg.temperature)[0], mb)
+
+    def logprobs(mb: list[Sample]) -> tuple[torch.Tensor, ...]:  # at the weights of this moment
+        return per_sample(completion_logprobs(model, mb, pad_id, cfg.temperature)[0], mb)
+
     for mb in filter(None, trained[cfg.gradient_accumulation_steps:]):
         for s, logp in zip(mb, logprobs(mb)):
             s.old_logp = logp
@@ -637,7 +643,10 @@ def update(model, optimizer, buffer: list[Sample], cfg: Config, pad_id: int, gen
                 clips += clip_fracs
                 norms.append(norm)
         bar.close()
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs) if xs else float("nan")
+
     entropy_sum, entropy_count = ddp.all_sum(entropy).tolist()
     return {**stats, "loss": mean(losses), "clip_frac": mean(clips), "grad_norm": mean(norms),
             "optimizer_steps": len(losses),

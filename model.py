@@ -34,12 +34,13 @@ def upcast(x):
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
 
     def forward(self, x):
         h = upcast(x)  # at least fp32, as the models were trained
-        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1,
-                                                            keepdim=True) + self.eps)).to(x.dtype)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
 
 
 def rope_frequencies(config) -> torch.Tensor:

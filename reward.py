@@ -14,6 +14,8 @@ and every completion is scored by plain functions over strings:
 * ``length_rewards``      - Kimi 1.5 length penalty, computed per GRPO group
 * ``total_reward``        - weighted sum of the above
 * ``score_completion``    - the per-completion part bundled into one dict
+* ``add_rewards``         - the group's terms and each completion's total reward
+* ``random_correctness``  - the control: correctness replaced by coins at the real rate
 
 No torch here on purpose: these run on CPU over decoded text and are easy
 to unit test.
@@ -154,21 +156,13 @@ def score_completion(text: str, entry: dict, score_answer: ScoreFn, partial_cred
     }
 
 
-def score_group(texts: list[str], lengths: list[int], entry: dict, score_answer: ScoreFn, cfg,
-                pass_rate: float | None = None) -> list[dict]:
-    """Reward parts and total of the G completions of one question. `cfg` (grpo.py's Config) gives
-    the weights (w_correct, w_format, w_length, w_overlong, w_difficulty), partial_credit,
-    check_work, max_new_tokens and overlong_buffer. pass_rate: the question's pass rate from the
-    curriculum pool; without one, the group's own."""
-    parts = [score_completion(t, entry, score_answer, cfg.partial_credit, cfg.check_work)
-             for t in texts]
-    return add_rewards(parts, lengths, cfg, pass_rate)
-
-
 def add_rewards(parts: list[dict], lengths: list[int], cfg,
                 pass_rate: float | None = None) -> list[dict]:
-    """The group-dependent terms and the total reward of each part, from its "correctness" and
-    "correct"."""
+    """The group-dependent terms and the total reward of each of one question's G parts
+    (score_completion's), from its "correctness" and "correct". `cfg` (grpo.py's Config) gives the
+    weights (w_correct, w_format, w_length, w_overlong, w_difficulty), max_new_tokens and
+    overlong_buffer. pass_rate: the question's pass rate from the curriculum pool; without one,
+    the group's own."""
     correct = [p["correct"] for p in parts]
     length = length_rewards(lengths, correct) if cfg.w_length else [0.0] * len(parts)
     pass_rate = sum(correct) / len(correct) if pass_rate is None else pass_rate

@@ -123,11 +123,13 @@ class Run:
     def __init__(self, out_dir: str, resume: bool, overwrite: bool, write: bool = True, cfg=None):
         if write:
             claim(out_dir, resume, overwrite)
-        self.out_dir, self.write = out_dir, write
+        self.out_dir = out_dir
+        self.write = write  # rank 0 writes; the other processes only read
         self.ckpt_path = os.path.join(out_dir, "ckpt.pt")
         self.log_path = os.path.join(out_dir, "log.jsonl")
         self.samples_path = os.path.join(out_dir, "samples.jsonl")
-        self.rows, self.tracker = [], None
+        self.rows = []  # every logged row, this run's and (resumed) the earlier ones
+        self.tracker = None  # --report_to's writer, opened at the first logged row
         self.report_to = getattr(cfg, "report_to", "")
         self.config = dataclasses.asdict(cfg) if cfg else {}
         if self.report_to and importlib.util.find_spec(self.report_to) is None:

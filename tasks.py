@@ -190,10 +190,10 @@ class Questions:
         self.index = index
 
     def next(self) -> dict:
-        skipped = 0
+        start = self.index
         while self.task[self.index]["question"] in self.held_out:
-            self.index, skipped = self.index + 1, skipped + 1
-            if skipped > 10**5:
+            self.index += 1
+            if self.index - start > 10**5:
                 fail("every training question is also an eval question: lower --eval_size or use a "
                      "larger task")
         self.index += 1
@@ -223,7 +223,8 @@ class Pool:
     RECENT = 4  # the pass rate is that of the question's last 4 visits
 
     def __init__(self, size: int, retire_after: int = 2):
-        self.size, self.retire_after = size, retire_after
+        self.size = size
+        self.retire_after = retire_after
         self.active: list[dict] = []  # {"entry", "history": [pass rates]}
         self.retired = 0
 
