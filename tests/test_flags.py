@@ -223,7 +223,7 @@ def test_the_quick_start_recipe_is_the_command_its_results_came_from():
     path = os.path.join(ROOT, "recipes", "quickstart.toml")
     task = ("simple_equations:min_terms=2:max_terms=2:min_value=1:max_value=10:"
             "operators_weights=[0.5,0.5,0]")
-    grpo_flags = ["--init_from", "out-sft/ckpt.pt", "--task", task, "--max_steps", "20",
+    grpo_flags = ["--init_from", "out-sft/ckpt.pt", "--task", task, "--max_steps", "30",
                   "--eval_interval", "10", "--buffer_size", "96", "--exploration_batchsize", "16",
                   "--gradient_accumulation_steps", "3", "--max_new_tokens", "96",
                   "--temperature", "1.0", "--learning_rate", "1e-4"]
