@@ -310,27 +310,30 @@ def collate(samples: list["Sample"], pad_id: int, device):
 
 class TokenLogprobs(torch.autograd.Function):
     """log softmax(h W^T / T)[target] for a chunk of positions, the gradient written out by hand:
-    d logp / d logits = onehot(target) - softmax(logits), the (chunk x V) logits recomputed rather
-    than stored. In fp32 at least: a bf16 logit of 20 is rounded to 1/8, which would make every
+    d logp / d logits = onehot(target) - softmax(logits). The softmax (chunk x V) is kept for
+    backward, which writes the gradient into it, or (keep=False: less memory) recomputed there, to
+    the same bits. In fp32 at least: a bf16 logit of 20 is rounded to 1/8, which would make every
     ratio jitter by several percent. Also the entropy at each position (no gradient), logged."""
 
     @staticmethod
-    def forward(ctx, h, w, targets, temperature):
+    def forward(ctx, h, w, targets, temperature, keep=True):
         logits = F.linear(upcast(h) / temperature, upcast(w))  # (n, V)
         lse = logits.logsumexp(-1)
-        ctx.save_for_backward(h, w, targets, lse)
-        ctx.temperature = temperature
         logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
         probs = (logits - lse[:, None]).exp_()
         entropy = lse - torch.linalg.vecdot(probs, logits)  # -sum p log p = lse - sum p * logits
+        ctx.save_for_backward(h, w, targets, lse, probs if keep else None)
+        ctx.temperature = temperature
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad, _grad_entropy):  # grad: (n,)
-        h, w, targets, lse = ctx.saved_tensors
+        h, w, targets, lse, probs = ctx.saved_tensors
         x, w32 = upcast(h) / ctx.temperature, upcast(w)
-        d_logits = F.linear(x, w32).sub_(lse[:, None]).exp_()  # softmax
+        if probs is None:
+            probs = F.linear(x, w32).sub_(lse[:, None]).exp_()  # as forward computed it
+        d_logits = probs  # overwritten: backward runs once
         d_logits[torch.arange(len(targets), device=targets.device), targets] -= 1
         d_logits = d_logits.mul_(-grad[:, None].to(d_logits.dtype))  # grad * (onehot - softmax)
         d_h = d_w = None
@@ -338,17 +341,17 @@ class TokenLogprobs(torch.autograd.Function):
             d_h = (d_logits @ w32 / ctx.temperature).to(h.dtype)
         if ctx.needs_input_grad[1]:  # full fine-tuning: the tied embedding trains
             d_w = (d_logits.t() @ x).to(w.dtype)
-        return d_h, d_w, None, None
+        return d_h, d_w, None, None, None
 
 
 def completion_logprobs(model, samples: list["Sample"], pad_id: int, temperature: float,
                         grad_checkpoint: bool = False, chunk: int = 1024):
     """Log-prob (T,) of each completion token of `samples`, in order, at `temperature`, and the
     entropy (T,) at each (no gradient). Each distinct prompt runs once, then every completion on top
-    of its prompt (grad_checkpoint: the completions' blocks are recomputed in backward). The
-    vocabulary projection runs only where a completion token is predicted, in chunks of `chunk`
-    positions (SmolLM2: 1024 x 49k fp32 logits, 200 MB), recomputed in backward: memory holds at
-    most one chunk of logits."""
+    of its prompt. The vocabulary projection runs only where a completion token is predicted, in
+    chunks of `chunk` positions (SmolLM2: 1024 x 49k fp32 logits, 200 MB); with gradient, each
+    chunk's softmax (as large) waits for backward: 0.9 GB for 16 x 300 tokens. grad_checkpoint:
+    the completions' blocks and the softmaxes are recomputed in backward instead."""
     batch = collate(samples, pad_id, model.lm_head.weight.device)
     prompt_ids, prompt_mask, prompt_row, ids, mask, targets = batch
     attention = PromptsThenCompletions(len(model.model.layers), prompt_mask, prompt_row, mask)
@@ -360,8 +363,8 @@ def completion_logprobs(model, samples: list["Sample"], pad_id: int, temperature
     first = h_prompt[prompt_row, prompt_len - 1]  # (N, d)
     h = torch.cat([first[:, None], h[:, :-1]], 1)[mask.bool()]  # (T, d)
     w = upcast(model.lm_head.weight)  # one fp32 copy for every chunk, forward and backward
-    chunks = [TokenLogprobs.apply(h[i:i + chunk], w, targets[i:i + chunk], temperature)
-              for i in range(0, h.shape[0], chunk)]
+    chunks = [TokenLogprobs.apply(h[i:i + chunk], w, targets[i:i + chunk], temperature,
+                                  not grad_checkpoint) for i in range(0, h.shape[0], chunk)]
     return torch.cat([logp for logp, _ in chunks]), torch.cat([entropy for _, entropy in chunks])
 
 

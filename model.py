@@ -98,8 +98,10 @@ def plain_attention(q, k, v, mask=None, causal=False):
     slower than this (forward + backward at a training minibatch's shapes)."""
     B, H, T, D = q.shape
     KV, S = k.shape[1], k.shape[2]
-    rows = q.float().reshape(B, KV, H // KV * T, D)  # the query heads of each key head, as rows
-    s = (rows @ k.float().transpose(-1, -2)).view(B, KV, H // KV, T, S) * D ** -0.5
+    # the query heads of each key head, as rows, scaled first: the T x D queries, not the T x S
+    # scores (the same numbers where D ** -0.5 is a power of two, as at head_dim 64)
+    rows = (q.float() * D ** -0.5).reshape(B, KV, H // KV * T, D)
+    s = (rows @ k.float().transpose(-1, -2)).view(B, KV, H // KV, T, S)
     if causal:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
     if mask is not None:

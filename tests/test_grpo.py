@@ -218,7 +218,8 @@ def test_completion_logprobs_equal_log_softmax_of_full_logits(kind):
     assert torch.allclose(entropy, -(full.exp() * full).sum(-1), atol=1e-10)
 
 
-def test_token_logprobs_gradient_equals_autograd_of_log_softmax():
+@pytest.mark.parametrize("keep", [True, False], ids=["softmax_kept", "recomputed"])
+def test_token_logprobs_gradient_equals_autograd_of_log_softmax(keep):
     """The hand-written backward of the vocabulary projection, for the hidden states and (full
     fine-tuning) the weight, against autograd through log_softmax."""
     g = torch.Generator().manual_seed(0)
@@ -226,7 +227,7 @@ def test_token_logprobs_gradient_equals_autograd_of_log_softmax():
     w = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
     targets = torch.randint(0, 50, (7,), generator=g)
     upstream = torch.randn(7, dtype=torch.float64, generator=g)
-    ours, entropy = grpo.TokenLogprobs.apply(h, w, targets, 0.7)
+    ours, entropy = grpo.TokenLogprobs.apply(h, w, targets, 0.7, keep)
     assert not entropy.requires_grad  # watched, never trained on
     (ours * upstream).sum().backward()
     ours_grads = h.grad.clone(), w.grad.clone()
@@ -236,6 +237,22 @@ def test_token_logprobs_gradient_equals_autograd_of_log_softmax():
     assert torch.allclose(ours, expected, atol=1e-12)
     assert torch.allclose(ours_grads[0], h.grad, atol=1e-12)
     assert torch.allclose(ours_grads[1], w.grad, atol=1e-12)
+
+
+def test_token_logprobs_kept_softmax_gives_the_recomputed_gradient_to_the_bit():
+    """Keeping the forward's softmax (the default) or recomputing it in backward (grad_checkpoint)
+    must not change a single bit of the gradient: runs stay the same whichever is chosen."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(300, 64, generator=g).bfloat16()
+    w = torch.randn(1000, 64, generator=g).bfloat16()
+    targets = torch.randint(0, 1000, (300,), generator=g)
+    upstream = torch.randn(300, generator=g)
+    grads = []
+    for keep in (True, False):
+        x = h.clone().requires_grad_()
+        (grpo.TokenLogprobs.apply(x, w, targets, 0.7, keep)[0] * upstream).sum().backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
 
 
 def record_ppo_loss(monkeypatch) -> list:
