@@ -5,7 +5,9 @@ Fixed weights multiplied fast. On CPU in fp32 or bf16, a weight that stays fixed
 weight while grpo.py samples, the base weights under LoRA while it trains) is reordered once into
 oneDNN's blocked layout, with the private ops that torch.compile uses for CPU inference; F.linear
 instead repacks the weight at every call. The packed product is 1.3x (layer-sized weights, fp32) to
-4x (bf16 at 48 rows) faster at the sampler's batch sizes, ~1.1x at training sizes. Elsewhere (GPU,
+4x (bf16 at 48 rows) faster at the sampler's batch sizes, ~1.1x at training sizes on an AMD EPYC; on
+an Intel Xeon with AMX a bf16 training step ran faster with F.linear (10.8-12.2 s against 12.5-16.8,
+three alternations), a lead not yet taken: the numbers differ in their last bits. Elsewhere (GPU,
 the fp64 tests), or if those ops are missing, FrozenLinear is F.linear.
 
 Memory kept, not given back: see keep_freed_memory.
