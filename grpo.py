@@ -348,20 +348,25 @@ def completion_logprobs(model, samples: list["Sample"], pad_id: int, temperature
                         grad_checkpoint: bool = False, chunk: int = 1024):
     """Log-prob (T,) of each completion token of `samples`, in order, at `temperature`, and the
     entropy (T,) at each (no gradient). Each distinct prompt runs once, then every completion on top
-    of its prompt. The vocabulary projection runs only where a completion token is predicted, in
-    chunks of `chunk` positions (SmolLM2: 1024 x 49k fp32 logits, 200 MB); with gradient, each
-    chunk's softmax (as large) waits for backward: 0.9 GB for 16 x 300 tokens. grad_checkpoint:
-    the completions' blocks and the softmaxes are recomputed in backward instead."""
+    of its prompt, the completions as one row without padding. The vocabulary projection runs only
+    where a completion token is predicted, in chunks of `chunk` positions (SmolLM2: 1024 x 49k fp32
+    logits, 200 MB); with gradient, each chunk's softmax (as large) waits for backward: 0.9 GB for
+    16 x 300 tokens. grad_checkpoint: the completions' blocks and the softmaxes are recomputed in
+    backward instead."""
     batch = collate(samples, pad_id, model.lm_head.weight.device)
     prompt_ids, prompt_mask, prompt_row, ids, mask, targets = batch
     attention = PromptsThenCompletions(len(model.model.layers), prompt_mask, prompt_row, mask)
     h_prompt = model(prompt_ids, None, attention.prompts)  # (U, P, d), positions 0..P-1
     prompt_len = prompt_mask.sum(1)[prompt_row]  # (N,)
     pos = prompt_len[:, None] + torch.arange(ids.shape[1], device=ids.device)
-    h = model(ids, pos, attention.completions, grad_checkpoint)  # (N, C, d)
+    # the completions run as one row of their T real tokens, no padding (a padding position would
+    # cost a token's products); the attention callable lays them out per sample
+    real = mask.bool()
+    h = model(ids[real][None], pos[real][None], attention.completions, grad_checkpoint)[0]  # (T, d)
     # completion token t is predicted at completion position t - 1; token 0 at the prompt's last
     first = h_prompt[prompt_row, prompt_len - 1]  # (N, d)
-    h = torch.cat([first[:, None], h[:, :-1]], 1)[mask.bool()]  # (T, d)
+    lengths = real.sum(1)
+    h = h.roll(1, 0).index_copy(0, lengths.cumsum(0) - lengths, first)  # (T, d)
     w = upcast(model.lm_head.weight)  # one fp32 copy for every chunk, forward and backward
     chunks = [TokenLogprobs.apply(h[i:i + chunk], w, targets[i:i + chunk], temperature,
                                   not grad_checkpoint) for i in range(0, h.shape[0], chunk)]

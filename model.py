@@ -370,12 +370,23 @@ class PromptsThenCompletions:
         self.completion_mask = own_tokens_mask(mask, prompt_mask.shape[1])  # (N, 1, C, P + C)
         prompt_visible = prompt_mask[prompt_row].bool()[:, None, None]  # (N, 1, 1, P)
         self.completion_mask[..., :prompt_mask.shape[1]] &= prompt_visible
+        self.shape = mask.shape  # (N, C)
+        self.real = mask.flatten().nonzero().squeeze(1)  # where the T real tokens sit in N x C
 
     def prompts(self, layer, q, k, v):
         self.k[layer], self.v[layer] = k, v
         return sdpa(q, k, v, self.prompt_mask)
 
     def completions(self, layer, q, k, v):
+        """q (1, H, T, D), k and v (1, KV, T, D): the real completion tokens, one completion after
+        another. They attend laid out as (N, heads, C, D), zeros at the padding (which no real
+        token sees); the output is (1, T, H, D) again."""
+        q, k, v = self.padded(q), self.padded(k), self.padded(v)
         k = torch.cat([self.k[layer][self.prompt_row], k], 2)
         v = torch.cat([self.v[layer][self.prompt_row], v], 2)
-        return sdpa(q, k, v, self.completion_mask)
+        return sdpa(q, k, v, self.completion_mask).flatten(0, 1)[self.real][None]
+
+    def padded(self, x):
+        (N, C), (_, heads, _, D) = self.shape, x.shape
+        rows = x.new_zeros(N * C, heads, D).index_copy(0, self.real, x[0].transpose(0, 1))
+        return rows.view(N, C, heads, D).transpose(1, 2)

@@ -387,12 +387,16 @@ def test_grad_accumulation_matches_big_batch_and_the_naive_loss(loss_agg):
         grpo.accumulate_gradients(model, step_batches, cfg, EOS)
         return [p.grad.clone() for p in params]
 
-    rows = []  # sequences the model actually runs
-    hook = model.register_forward_pre_hook(lambda m, args: rows.append(len(args[0])))
+    shapes = []  # the token ids the model actually runs
+    hook = model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
     big = grads([buffer])
     hook.remove()
-    # the two other prompts once each, then their 8 completions
-    assert rows == [len(PROMPTS) - 1, len(buffer) - 4]
+    # the two other prompts once each (padded to the longer), then their 8 completions as one row
+    # of exactly their tokens, no padding
+    trained = buffer[:4] + buffer[8:]
+    assert shapes == [(len(PROMPTS) - 1, max(len(s.prompt) for s in trained)),
+                      (1, sum(len(s.completion) for s in trained))]
+    assert len({len(s.completion) for s in trained}) > 1  # there was padding to leave out
     # 4 micro-batches, the last one shorter
     micro = grads([buffer[i:i + 3] for i in range(0, len(buffer), 3)])
     for a, b in zip(big, micro):
