@@ -359,13 +359,12 @@ def completion_logprobs(model, samples: list["Sample"], pad_id: int, temperature
     h_prompt = model(prompt_ids, None, attention.prompts)  # (U, P, d), positions 0..P-1
     prompt_len = prompt_mask.sum(1)[prompt_row]  # (N,)
     pos = prompt_len[:, None] + torch.arange(ids.shape[1], device=ids.device)
-    # the completions run as one row of their T real tokens, no padding (a padding position would
-    # cost a token's products); the attention callable lays them out per sample
-    real = mask.bool()
-    h = model(ids[real][None], pos[real][None], attention.completions, grad_checkpoint)[0]  # (T, d)
+    # the completions' T tokens (the targets) as one row, (T, d) out: padding would cost a token's
+    # products; the attention callable lays them out per sample
+    h = model(targets[None], pos[mask.bool()][None], attention.completions, grad_checkpoint)[0]
     # completion token t is predicted at completion position t - 1; token 0 at the prompt's last
     first = h_prompt[prompt_row, prompt_len - 1]  # (N, d)
-    lengths = real.sum(1)
+    lengths = mask.sum(1)
     h = h.roll(1, 0).index_copy(0, lengths.cumsum(0) - lengths, first)  # (T, d)
     w = upcast(model.lm_head.weight)  # one fp32 copy for every chunk, forward and backward
     chunks = [TokenLogprobs.apply(h[i:i + chunk], w, targets[i:i + chunk], temperature,
