@@ -363,7 +363,9 @@ def completion_logprobs(model, samples: list["Sample"], pad_id: int, temperature
     # products; the attention callable lays them out per sample
     h = model(targets[None], pos[mask.bool()][None], attention.completions, grad_checkpoint)[0]
     # completion token t is predicted at completion position t - 1; token 0 at the prompt's last
-    first = h_prompt[prompt_row, prompt_len - 1]  # (N, d)
+    last = prompt_row * prompt_ids.shape[1] + prompt_len - 1  # among the U x P prompt positions
+    # index_select: its backward sums a prompt's repeated rows in a fixed order (as in model.py)
+    first = h_prompt.flatten(0, 1).index_select(0, last)  # (N, d)
     lengths = mask.sum(1)
     h = h.roll(1, 0).index_copy(0, lengths.cumsum(0) - lengths, first)  # (T, d)
     w = upcast(model.lm_head.weight)  # one fp32 copy for every chunk, forward and backward

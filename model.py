@@ -382,8 +382,10 @@ class PromptsThenCompletions:
         another. They attend laid out as (N, heads, C, D), zeros at the padding (which no real
         token sees); the output is (1, T, H, D) again."""
         q, k, v = self.padded(q), self.padded(k), self.padded(v)
-        k = torch.cat([self.k[layer][self.prompt_row], k], 2)
-        v = torch.cat([self.v[layer][self.prompt_row], v], 2)
+        # index_select, not [prompt_row]: backward adds the gradients of a prompt's repeated rows in
+        # order; indexing's backward adds them with parallel atomic adds (fp32), in no fixed order
+        k = torch.cat([self.k[layer].index_select(0, self.prompt_row), k], 2)
+        v = torch.cat([self.v[layer].index_select(0, self.prompt_row), v], 2)
         return sdpa(q, k, v, self.completion_mask).flatten(0, 1)[self.real][None]
 
     def padded(self, x):

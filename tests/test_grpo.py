@@ -611,6 +611,37 @@ def test_gradient_checkpointing_gives_the_same_gradient():
         assert torch.allclose(a, b, atol=1e-12)
 
 
+def test_the_gradient_is_the_same_bits_every_time_at_two_threads():
+    """A prompt's G samples each read its keys and values, so backward sums G gradients into one
+    prompt row. Indexing's backward adds fp32 rows with parallel atomic adds, in an order that
+    follows the threads' timing; the training pass must sum them in a fixed order."""
+    model = tiny_model("llama", dtype=torch.float32)
+    grpo.apply_lora(model, 4, 8.0, "q_proj,k_proj,v_proj,down_proj")
+    g = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.05, generator=g)
+    # 4 prompts x 8 samples: each layer's prompt keys are 32 x 2 x 48 x 16, past the size where
+    # indexing's backward goes parallel
+    prompts = [torch.randint(3, 128, (48,), generator=g).tolist() for _ in range(4)]
+    samples = [grpo.Sample(prompts[i % 4], torch.randint(3, 128, (5 + i,), generator=g).tolist())
+               for i in range(32)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(8):
+            model.zero_grad()
+            logp, _ = grpo.completion_logprobs(model, samples, EOS, 1.0)
+            (logp * torch.linspace(-1, 1, len(logp))).sum().backward()
+            grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    finally:
+        torch.set_num_threads(threads)
+    assert any(g.abs().sum() > 0 for g in grads[0])
+    for other in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], other))
+
+
 def test_step_stats_split_lengths_by_verdict_and_count_partial_credit():
     def row(correct, n, score, correctness):  # what a Sample reports of itself
         scores = {"reward": 0.0, "correct": correct, "format": 1.0, "length_reward": 0.0,
