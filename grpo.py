@@ -241,6 +241,23 @@ def common_prefix(prompts: list[list[int]]) -> int:
     return max(n, 0)
 
 
+def run_prompts(model, prompts: list[list[int]], pad_id: int):
+    """Run prompts as the sampler and the training pass both do: the prefix all share (system
+    prompt, chat template) once, as one row, then each prompt's own tokens, left-padded (positions
+    count real tokens only). Returns every layer's keys and values (a Prefill), which of their
+    positions are real (B, P), and the hidden state at each prompt's last token (B, d)."""
+    device = model.model.embed_tokens.weight.device
+    prefill = Prefill(len(model.model.layers))
+    n = common_prefix(prompts)
+    if n:
+        model(torch.tensor([prompts[0][:n]], device=device), attention=prefill)
+    ids, mask = pad([p[n:] for p in prompts], pad_id, left=True)  # (B, P - n)
+    ids, mask = ids.to(device), mask.to(device)
+    prefill.mask = own_tokens_mask(mask, n)
+    h = model(ids, n + (mask.cumsum(-1) - 1).clamp(min=0), prefill)
+    return prefill, torch.cat([mask.new_ones(len(prompts), n), mask], 1), h[:, -1]
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], G: int, max_new_tokens: int, temperature: float,
              top_p: float, eos_id: int, generator=None,
@@ -249,22 +266,12 @@ def generate(model, prompts: list[list[int]], G: int, max_new_tokens: int, tempe
     unless cut at max_new_tokens (truncated). stop_at_eos=False: max_new_tokens each (for bench)."""
     device = model.lm_head.weight.device
     with frozen_linears(model, rows=len(prompts) * G):
-        # 1) the prefix all prompts share (system prompt, chat template): once, as one row
-        prefill = Prefill(len(model.model.layers))
-        n = common_prefix(prompts)
-        if n:
-            model(torch.tensor([prompts[0][:n]], device=device), attention=prefill)
-        # 2) each prompt's own tokens, left-padded; positions count real tokens only
-        ids, mask = pad([p[n:] for p in prompts], eos_id, left=True)  # (B, P - n)
-        ids, mask = ids.to(device), mask.to(device)
-        pos = n + (mask.cumsum(-1) - 1).clamp(min=0)
-        prefill.mask = own_tokens_mask(mask, n)
-        h = model(ids, pos, prefill)
-        logits = model.lm_head(h[:, -1]).repeat_interleave(G, 0)  # (B*G, V): the last position only
-        # 3) decode, one token per row and step
-        full_mask = torch.cat([mask.new_ones(len(prompts), n), mask], 1)
-        cache = DecodeCache(prefill, full_mask, G, max_new_tokens)
-        pos = pos[:, -1:].repeat_interleave(G, 0)  # (B*G, 1)
+        # 1) the prompts, keeping their keys and values
+        prefill, prompt_mask, h = run_prompts(model, prompts, eos_id)
+        logits = model.lm_head(h).repeat_interleave(G, 0)  # (B*G, V): the last position only
+        # 2) decode, one token per row and step
+        cache = DecodeCache(prefill, prompt_mask, G, max_new_tokens)
+        pos = (prompt_mask.sum(1, keepdim=True) - 1).repeat_interleave(G, 0)  # (B*G, 1)
         N = logits.shape[0]
         out = torch.full((N, max_new_tokens), eos_id, device=device)
         lengths = torch.full((N,), max_new_tokens, device=device)
@@ -296,16 +303,15 @@ def generate(model, prompts: list[list[int]], G: int, max_new_tokens: int, tempe
 # Log-probs of completion tokens, through the same forward pass that training differentiates
 
 def collate(samples: list["Sample"], pad_id: int, device):
-    """A minibatch as completion_logprobs runs it, right-padded: each distinct prompt once, ids and
-    mask (U, P); each sample's prompt row (N,); completion ids and mask (N, C); completion tokens
+    """A minibatch as completion_logprobs runs it: each distinct prompt once (U lists of tokens);
+    each sample's prompt row (N,); completion ids and mask (N, C), right-padded; completion tokens
     in order (T,). Masks come from lengths, never from token values (pad == eos for many models)."""
     prompts = list(dict.fromkeys(tuple(s.prompt) for s in samples))
     row_of = {p: i for i, p in enumerate(prompts)}
     prompt_row = torch.tensor([row_of[tuple(s.prompt)] for s in samples])
-    prompt_ids, prompt_mask = pad(prompts, pad_id)
     ids, mask = pad([s.completion for s in samples], pad_id)
     targets = ids[mask.bool()]
-    return tuple(t.to(device) for t in (prompt_ids, prompt_mask, prompt_row, ids, mask, targets))
+    return ([list(p) for p in prompts], *(t.to(device) for t in (prompt_row, ids, mask, targets)))
 
 
 class TokenLogprobs(torch.autograd.Function):
@@ -353,19 +359,17 @@ def completion_logprobs(model, samples: list["Sample"], pad_id: int, temperature
     logits, 200 MB); with gradient, each chunk's softmax (as large) waits for backward: 0.9 GB for
     16 x 300 tokens. grad_checkpoint: the completions' blocks and the softmaxes are recomputed in
     backward instead."""
-    batch = collate(samples, pad_id, model.lm_head.weight.device)
-    prompt_ids, prompt_mask, prompt_row, ids, mask, targets = batch
-    attention = PromptsThenCompletions(len(model.model.layers), prompt_mask, prompt_row, mask)
-    h_prompt = model(prompt_ids, None, attention.prompts)  # (U, P, d), positions 0..P-1
+    prompts, prompt_row, ids, mask, targets = collate(samples, pad_id, model.lm_head.weight.device)
+    prefill, prompt_mask, h_last = run_prompts(model, prompts, pad_id)  # as the sampler ran them
+    attention = PromptsThenCompletions(prefill, prompt_mask, prompt_row, mask)
     prompt_len = prompt_mask.sum(1)[prompt_row]  # (N,)
     pos = prompt_len[:, None] + torch.arange(ids.shape[1], device=ids.device)
     # the completions' T tokens (the targets) as one row, (T, d) out: padding would cost a token's
     # products; the attention callable lays them out per sample
     h = model(targets[None], pos[mask.bool()][None], attention.completions, grad_checkpoint)[0]
     # completion token t is predicted at completion position t - 1; token 0 at the prompt's last
-    last = prompt_row * prompt_ids.shape[1] + prompt_len - 1  # among the U x P prompt positions
-    # index_select: its backward sums a prompt's repeated rows in a fixed order (as in model.py)
-    first = h_prompt.flatten(0, 1).index_select(0, last)  # (N, d)
+    # (index_select: its backward sums a prompt's repeated rows in a fixed order, as in model.py)
+    first = h_last.index_select(0, prompt_row)  # (N, d)
     lengths = mask.sum(1)
     h = h.roll(1, 0).index_copy(0, lengths.cumsum(0) - lengths, first)  # (T, d)
     w = upcast(model.lm_head.weight)  # one fp32 copy for every chunk, forward and backward

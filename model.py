@@ -11,8 +11,8 @@ same as in transformers.
 
 `attention(layer, q, k, v)` decides which keys each query sees: q is (B, heads, T, head_dim), k and
 v are (B, kv_heads, T, head_dim), rotated; it returns (B, T, heads, head_dim). `causal` is the plain
-one; the sampler's (Prefill, DecodeCache) and the trainer's (PromptsThenCompletions), at the end of
-this file, keep keys and values in plain preallocated tensors.
+one; the prompts' (Prefill), the sampler's (DecodeCache) and the trainer's (PromptsThenCompletions),
+at the end of this file, keep keys and values in plain preallocated tensors.
 """
 import math
 
@@ -260,9 +260,9 @@ def to_hf(model: Model):
 
 
 # --------------------------------------------------------------------------------------------------
-# Attention over cached keys and values, in plain tensors: grpo.py's sampler (Prefill, then
-# DecodeCache) and its training pass (PromptsThenCompletions) pass these as the `attention` of
-# Model.forward.
+# Attention over cached keys and values, in plain tensors: grpo.py runs the prompts with Prefill,
+# then its sampler decodes with DecodeCache and its training pass runs the completions with
+# PromptsThenCompletions; each is the `attention` of Model.forward.
 
 def attend(q, k, v, scale: float, bias=None, fused: bool | None = None):
     """softmax(q k^T * scale + bias) v, and the log-sum-exp of each query's scores (what merging two
@@ -356,26 +356,19 @@ class DecodeCache:
 
 
 class PromptsThenCompletions:
-    """Attention of the training pass. `prompts`: the minibatch's distinct prompts (U rows), keeping
-    every layer's keys and values; `completions`: each completion reads its prompt's (row
-    `prompt_row`; the gradient flows back through them), then its own. The completion pass only
+    """Attention of the training pass's completions: each reads its prompt's keys and values (a
+    Prefill's, row `prompt_row`; the gradient flows back through them), then its own. It only
     reads, so a checkpointed block recomputed in backward sees exactly the keys it saw the first
     time."""
 
-    def __init__(self, n_layers: int, prompt_mask, prompt_row, mask):
-        self.k = [None] * n_layers
-        self.v = [None] * n_layers
+    def __init__(self, prompts: Prefill, prompt_mask, prompt_row, mask):
+        self.k, self.v = prompts.k, prompts.v  # (U, KV, P, D) per layer
         self.prompt_row = prompt_row  # (N,): each completion's prompt
-        self.prompt_mask = own_tokens_mask(prompt_mask)  # (U, 1, P, P)
         self.completion_mask = own_tokens_mask(mask, prompt_mask.shape[1])  # (N, 1, C, P + C)
         prompt_visible = prompt_mask[prompt_row].bool()[:, None, None]  # (N, 1, 1, P)
         self.completion_mask[..., :prompt_mask.shape[1]] &= prompt_visible
         self.shape = mask.shape  # (N, C)
         self.real = mask.flatten().nonzero().squeeze(1)  # where the T real tokens sit in N x C
-
-    def prompts(self, layer, q, k, v):
-        self.k[layer], self.v[layer] = k, v
-        return sdpa(q, k, v, self.prompt_mask)
 
     def completions(self, layer, q, k, v):
         """q (1, H, T, D), k and v (1, KV, T, D): the real completion tokens, one completion after

@@ -163,12 +163,12 @@ PROMPTS = [[1, 5, 9, 17, 33], [1, 44], [1, 7, 7, 90, 12, 3, 60, 61]]
 SHARED_PREFIX = [[1, 5, 9, 17, 33, 4], [1, 5, 9, 17, 44], [1, 5, 9, 17, 33, 4, 8, 90]]
 
 
-def make_buffer(model, G=4, max_new_tokens=12, seed=0):
+def make_buffer(model, G=4, max_new_tokens=12, seed=0, prompts=PROMPTS):
     """Sampled completions of the tiny model with fake advantages, as rollout() would store them."""
-    completions, _ = grpo.generate(model, PROMPTS, G, max_new_tokens, 1.0, 1.0, EOS,
+    completions, _ = grpo.generate(model, prompts, G, max_new_tokens, 1.0, 1.0, EOS,
                                    torch.Generator().manual_seed(seed))
     g = torch.Generator().manual_seed(seed)
-    return [grpo.Sample(PROMPTS[i // G], c, advantage=float(torch.randn(1, generator=g)))
+    return [grpo.Sample(prompts[i // G], c, advantage=float(torch.randn(1, generator=g)))
             for i, c in enumerate(completions)]
 
 

@@ -186,12 +186,11 @@ def test_top_p_widens_past_64_candidates_when_the_nucleus_is_wide():
     assert set(narrow.tolist()) == {3, 7} and abs((narrow == 7).float().mean() - 0.4 / 0.75) < 0.05
 
 
-def test_collate_runs_each_prompt_once_and_masks_exactly_the_completion():
+def test_collate_keeps_each_prompt_once_and_masks_exactly_the_completion():
     samples = [grpo.Sample([1, 5, 9], [7, EOS]), grpo.Sample([1], [4, 4, 4, 4, EOS]),
                grpo.Sample([1, 5, 9], [EOS])]
-    prompt_ids, prompt_mask, prompt_row, ids, mask, targets = grpo.collate(samples, EOS, "cpu")
-    assert prompt_ids.tolist() == [[1, 5, 9], [1, EOS, EOS]]
-    assert prompt_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    prompts, prompt_row, ids, mask, targets = grpo.collate(samples, EOS, "cpu")
+    assert prompts == [[1, 5, 9], [1]]
     assert prompt_row.tolist() == [0, 1, 0]
     assert ids.tolist() == [[7, EOS, EOS, EOS, EOS], [4, 4, 4, 4, EOS], [EOS, EOS, EOS, EOS, EOS]]
     # the mask comes from lengths: EOS is trained on though EOS == pad
@@ -199,13 +198,14 @@ def test_collate_runs_each_prompt_once_and_masks_exactly_the_completion():
     assert targets.tolist() == [7, EOS, 4, 4, 4, 4, EOS, EOS]
 
 
+@pytest.mark.parametrize("prompts", [PROMPTS, SHARED_PREFIX], ids=["prefix_1", "prefix_4"])
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
-def test_completion_logprobs_equal_log_softmax_of_full_logits(kind):
-    """Shared prompts, a prompt cache read by the completions, positions continued after each
-    prompt: the same numbers as running each padded prompt + completion whole through the
-    transformers twin."""
+def test_completion_logprobs_equal_log_softmax_of_full_logits(kind, prompts):
+    """Shared prompts, their common prefix run once, a prompt cache read by the completions,
+    positions continued after each prompt: the same numbers as running each padded prompt +
+    completion whole through the transformers twin."""
     model = tiny_model(kind)
-    buffer = make_buffer(model)
+    buffer = make_buffer(model, prompts=prompts)
     batch = grpo.collate(buffer, EOS, "cpu")
     assert len(batch[0]) == len(PROMPTS) < len(buffer)  # each prompt runs once
     # several small chunks
@@ -391,10 +391,11 @@ def test_grad_accumulation_matches_big_batch_and_the_naive_loss(loss_agg):
     hook = model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
     big = grads([buffer])
     hook.remove()
-    # the two other prompts once each (padded to the longer), then their 8 completions as one row
-    # of exactly their tokens, no padding
+    # the one token the two other prompts share, once; their own tokens (padded to the longer);
+    # then their 8 completions as one row of exactly their tokens, no padding
     trained = buffer[:4] + buffer[8:]
-    assert shapes == [(len(PROMPTS) - 1, max(len(s.prompt) for s in trained)),
+    assert grpo.common_prefix([PROMPTS[0], PROMPTS[2]]) == 1
+    assert shapes == [(1, 1), (2, max(len(PROMPTS[0]), len(PROMPTS[2])) - 1),
                       (1, sum(len(s.completion) for s in trained))]
     assert len({len(s.completion) for s in trained}) > 1  # there was padding to leave out
     # 4 micro-batches, the last one shorter
@@ -601,8 +602,8 @@ def test_gradient_checkpointing_gives_the_same_gradient():
         for block in model.model.layers:
             block.register_forward_pre_hook(lambda m, a: calls.append(1))
         grpo.accumulate_gradients(model, [buffer], cfg, EOS)
-        # 2 blocks x (prompts, completions, recompute)
-        assert len(calls) == 2 * 3 if checkpointing else 2 * 2
+        # 2 blocks x (the shared prefix, the prompts' own tokens, completions, recompute)
+        assert len(calls) == (2 * 4 if checkpointing else 2 * 3)
         return [p.grad for p in model.parameters() if p.requires_grad]
 
     plain, checkpointed = grads(False), grads(True)
