@@ -353,12 +353,12 @@ class TokenLogprobs(torch.autograd.Function):
 def completion_logprobs(model, samples: list["Sample"], pad_id: int, temperature: float,
                         grad_checkpoint: bool = False, chunk: int = 1024):
     """Log-prob (T,) of each completion token of `samples`, in order, at `temperature`, and the
-    entropy (T,) at each (no gradient). Each distinct prompt runs once, then every completion on top
-    of its prompt, the completions as one row without padding. The vocabulary projection runs only
-    where a completion token is predicted, in chunks of `chunk` positions (SmolLM2: 1024 x 49k fp32
-    logits, 200 MB); with gradient, each chunk's softmax (as large) waits for backward: 0.9 GB for
-    16 x 300 tokens. grad_checkpoint: the completions' blocks and the softmaxes are recomputed in
-    backward instead."""
+    entropy (T,) at each (no gradient). Each distinct prompt runs once (their shared prefix once, as
+    the sampler runs them), then every completion on top of its prompt, the completions as one row
+    without padding. The vocabulary projection runs only where a completion token is predicted, in
+    chunks of `chunk` positions (SmolLM2: 1024 x 49k fp32 logits, 200 MB); with gradient, each
+    chunk's softmax (as large) waits for backward: 0.9 GB for 16 x 300 tokens. grad_checkpoint: the
+    completions' blocks and the softmaxes are recomputed in backward instead."""
     prompts, prompt_row, ids, mask, targets = collate(samples, pad_id, model.lm_head.weight.device)
     prefill, prompt_mask, h_last = run_prompts(model, prompts, pad_id)  # as the sampler ran them
     attention = PromptsThenCompletions(prefill, prompt_mask, prompt_row, mask)
