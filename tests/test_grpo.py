@@ -207,7 +207,7 @@ def test_completion_logprobs_equal_log_softmax_of_full_logits(kind, prompts):
     model = tiny_model(kind)
     buffer = make_buffer(model, prompts=prompts)
     batch = grpo.collate(buffer, EOS, "cpu")
-    assert len(batch[0]) == len(PROMPTS) < len(buffer)  # each prompt runs once
+    assert len(batch[0]) == len(prompts) < len(buffer)  # each prompt runs once
     # several small chunks
     ours, entropy = grpo.completion_logprobs(model, buffer, EOS, temperature=0.7, chunk=5)
     ids, mask, predicts, targets = padded_sequences(buffer)
